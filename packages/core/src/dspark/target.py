@@ -1,0 +1,274 @@
+"""Target adapter: any Hugging Face causal LM (plus the embedded Gemma) behind one API.
+
+What drafters, the verifier and the engine need from a target and nothing more:
+a forward over new tokens with a KV cache, rollback of that cache by n tokens (also past a
+sliding window), taps on chosen decoder layers and on the final normed hidden state, the
+frozen embedding and LM head, and prompt encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dspark import embedded
+from dspark.errors import ModelLoadError
+from dspark.prompts import Message, PromptFormat
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class TargetOutput:
+    """Result of one target forward.
+
+    logits: [B, n_logits, V] fp32, for the requested positions (all, last or none).
+    taps: layer index -> [B, n, d] raw output of that decoder layer (model dtype).
+    final_hidden: [B, n, d] final normed hidden state (what the LM head reads), if asked.
+    """
+
+    logits: torch.Tensor | None
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    final_hidden: torch.Tensor | None = None
+
+
+def _resolve_path(name_or_path: str) -> str:
+    """A local directory, or an id already in the local Hugging Face cache (no downloads)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"model directory {p} has no config.json")
+        return str(p)
+    if p.exists():
+        raise ModelLoadError(f"model path {p} is a file; give the model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"unknown model {name_or_path!r}: not a local directory and not in the local "
+            "Hugging Face cache (this project never downloads). Use 'gemma3-270m' for the "
+            "embedded default or a path to a saved model."
+        ) from e
+
+
+class Target:
+    """A frozen causal LM with a KV cache that can roll back, and feature taps.
+
+    Works with any HF decoder-only model exposing ``model.model.layers`` (or
+    ``get_decoder().layers``), ``get_input_embeddings`` and ``get_output_embeddings``:
+    Gemma 3, Qwen3, Llama and relatives.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any | None = None,
+        name: str = "custom",
+        prompt_format: PromptFormat | None = None,
+    ) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.prompt_format = prompt_format or PromptFormat()
+        self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.layers: nn.ModuleList = decoder.layers
+        self.decoder = decoder
+        self._softcap = getattr(self.config, "final_logit_softcapping", None)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str = embedded.EMBEDDED_CANONICAL,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "cpu",
+        prompt_format: PromptFormat | None = None,
+        verify_cache: bool = True,
+    ) -> Target:
+        """Load a target by name or path.
+
+        ``gemma3-270m`` (the default) is the embedded Gemma 3 270M, converted once from
+        its GGUF into a checksummed safetensors copy in the user cache. Anything else is a
+        local HF model directory or an id already in the local HF cache.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_dtype = resolve_dtype(dtype)
+        t0 = time.perf_counter()
+        if embedded.is_embedded(name_or_path):
+            path = str(embedded.ensure_embedded(verify=verify_cache))
+            name = embedded.EMBEDDED_CANONICAL
+        else:
+            path = _resolve_path(name_or_path)
+            name = name_or_path
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # a weights-only directory still works at the token level
+            log.warning("no tokenizer at %s (%s); token-level API only", path, e)
+            tokenizer = None
+        model.to(device)
+        log.info("loaded target %s (%s) in %.1f s", name, torch_dtype, time.perf_counter() - t0)
+        return cls(model, tokenizer, name=name, prompt_format=prompt_format)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def vocab_size(self) -> int:
+        return int(self.get_lm_head_weight().shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Union of the tokenizer's and the generation config's end-of-sequence ids."""
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.config, self.tokenizer):
+            eos = getattr(src, "eos_token_id", None)
+            if eos is None:
+                continue
+            ids.update([eos] if isinstance(eos, int) else list(eos))
+        return sorted(ids)
+
+    # ------------------------------------------------------------------ frozen pieces
+    def get_lm_head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, n] ids -> [B, n, d] input embeddings, including any model-specific scaling."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d] final normed hidden -> [..., V] fp32 logits (with the model's softcap)."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self) -> Any:
+        """A KV cache that can be rolled back, also after a sliding window has filled.
+
+        Sliding-window layers normally drop old entries as soon as they pass the window,
+        after which HF refuses to crop. Past recording keeps them until the next
+        :meth:`rollback`, which then restores the window.
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        cache.activate_past_recording()
+        return cache
+
+    @staticmethod
+    def cache_length(cache: Any) -> int:
+        return 0 if cache is None else int(cache.get_seq_length())
+
+    @staticmethod
+    def rollback(cache: Any, n: int) -> None:
+        """Drop the last ``n`` tokens from ``cache``. Call after every forward (``n=0`` to
+        keep everything): it also trims the sliding layers' recorded past."""
+        if n < 0:
+            raise ValueError(f"rollback count must be >= 0, got {n}")
+        cache.crop(-n)
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any | None = None,
+        *,
+        logits: str = "all",
+        taps: Sequence[int] = (),
+        final_hidden: bool = False,
+    ) -> TargetOutput:
+        """Run the target over new tokens.
+
+        input_ids: [B, n] token ids appended after what ``cache`` holds (absolute
+            positions continue from the cache length; without a cache they start at 0,
+            so right padding never changes earlier positions' outputs).
+        logits: "all" -> [B, n, V]; "last" -> [B, 1, V]; "none" -> no LM head.
+        taps: decoder layer indices (0-based, negative allowed) whose outputs to return.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, n], got shape {tuple(input_ids.shape)}")
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be all, last or none, got {logits!r}")
+        captured: dict[int, torch.Tensor] = {}
+        hooks = []
+        for raw in taps:
+            idx = raw % self.num_layers
+            if not -self.num_layers <= raw < self.num_layers:
+                raise ValueError(f"tap layer {raw} out of range for {self.num_layers} layers")
+
+            def hook(_m: nn.Module, _inp: Any, out: Any, idx: int = idx) -> None:
+                captured[idx] = out[0] if isinstance(out, tuple) else out
+
+            hooks.append(self.layers[idx].register_forward_hook(hook))
+        try:
+            out = self.decoder(
+                input_ids=input_ids.to(self.device),
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden = out.last_hidden_state
+        lg = None
+        if logits == "all":
+            lg = self.lm_head(hidden)
+        elif logits == "last":
+            lg = self.lm_head(hidden[:, -1:])
+        return TargetOutput(logits=lg, taps=captured, final_hidden=hidden if final_hidden else None)
+
+    # ------------------------------------------------------------------ text
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ModelLoadError(f"target {self.name} was loaded without a tokenizer")
+        return self.tokenizer
+
+    def encode_prompt(self, prompt: str | list[Message]) -> list[int]:
+        """Prompt ids via the chat template if the tokenizer has one, else the plain template."""
+        return self.prompt_format.encode(self._need_tokenizer(), prompt)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._need_tokenizer().decode(list(ids), skip_special_tokens=skip_special_tokens)

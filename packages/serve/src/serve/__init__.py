@@ -1,0 +1,1 @@
+"""DSpark serving: target + drafter + scheduler behind LitServe (issue #5)."""

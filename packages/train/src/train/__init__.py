@@ -1,0 +1,1 @@
+"""DSpark training: distil drafters against the target (Lightning + Hydra + MLflow)."""
