@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -127,11 +130,11 @@ class Target:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         except Exception as e:
             raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from e
-        try:
+        tokenizer = None
+        if any((Path(path) / f).exists() for f in _TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # a weights-only directory still works at the token level
-            log.warning("no tokenizer at %s (%s); token-level API only", path, e)
-            tokenizer = None
+        else:  # a weights-only directory still works at the token level
+            log.warning("no tokenizer files in %s; token-level API only", path)
         model.to(device)
         log.info("loaded target %s (%s) in %.1f s", name, torch_dtype, time.perf_counter() - t0)
         return cls(model, tokenizer, name=name, prompt_format=prompt_format)
