@@ -11,6 +11,7 @@ from dspark.drafters.base import DraftState, Proposal
 
 class _Base:
     name = "test"
+    feature_layers = None
 
     def __init__(self, vocab: int, k: int = 2, seed: int = 0, ragged: bool = True) -> None:
         self.vocab, self.k, self.ragged = vocab, k, ragged

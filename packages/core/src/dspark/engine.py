@@ -29,30 +29,45 @@ from dspark.verify import verify
 CacheMode = Literal["kv", "recompute"]
 
 
+Feats = list[torch.Tensor] | None  # per row: [n, m*d] target features of the fed tokens
+
+
+def _concat_taps(taps: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """{layer: [B, n, d]} -> [B, n, m*d] in the drafter's layer order."""
+    return torch.cat([taps[i] for i in layers], dim=-1)
+
+
 class _KVRunner:
     """One KV cache per request; invariant: cache r holds seqs[r][:-1] (all but the anchor)."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, feature_layers: Sequence[int] | None) -> None:
         self.target = target
+        self.layers = list(feature_layers) if feature_layers else []
         self.caches: dict[int, object] = {}
 
-    def prefill(self, rows: Sequence[int], seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-        out = []
+    def _fwd(self, r: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.target.forward(torch.tensor([ids], device=self.target.device), self.caches[r], logits="all", taps=self.layers)
+        return out.logits[0], (_concat_taps(out.taps, self.layers)[0] if self.layers else None)
+
+    def prefill(self, rows: Sequence[int], seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Feats]:
+        logits, feats = [], []
         for r in rows:
             self.caches[r] = self.target.new_cache()
-            ids = torch.tensor([list(seqs[r])], device=self.target.device)
-            out.append(self.target.forward(ids, self.caches[r], logits="last").logits[0, -1])
+            lg, f = self._fwd(r, list(seqs[r]))
+            logits.append(lg[-1])
+            feats.append(f)
             self.target.rollback(self.caches[r], 0)
-        return torch.stack(out)  # [B, V]
+        return torch.stack(logits), (feats if self.layers else None)
 
-    def score(self, rows: Sequence[int], seqs: Sequence[Sequence[int]], drafts: list[list[int]], k: int) -> torch.Tensor:
+    def score(self, rows: Sequence[int], seqs: Sequence[Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
         out = torch.empty((len(rows), k + 1, self.target.vocab_size), device=self.target.device)
+        feats = []
         for i, (r, d) in enumerate(zip(rows, drafts)):
-            ids = torch.tensor([[seqs[r][-1], *d]], device=self.target.device)
-            lg = self.target.forward(ids, self.caches[r], logits="all").logits[0]
+            lg, f = self._fwd(r, [seqs[r][-1], *d])
             out[i, : len(d) + 1] = lg
             out[i, len(d) + 1 :] = lg[-1:]  # padding, never read by the verifier
-        return out  # [B, k+1, V]
+            feats.append(f)
+        return out, (feats if self.layers else None)  # [B, k+1, V]
 
     def commit(self, row: int, fed_drafts: int, accepted: int) -> None:
         self.target.rollback(self.caches[row], fed_drafts - accepted)
@@ -64,31 +79,37 @@ class _KVRunner:
 class _RecomputeRunner:
     """No cache: each round re-runs every active sequence, right-padded, in one forward."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, feature_layers: Sequence[int] | None) -> None:
         self.target = target
+        self.layers = list(feature_layers) if feature_layers else []
 
-    def _run(self, rows_tokens: list[list[int]]) -> torch.Tensor:
+    def _run(self, rows_tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         width = max(len(t) for t in rows_tokens)
         ids = torch.zeros((len(rows_tokens), width), dtype=torch.long)
         for i, t in enumerate(rows_tokens):
             ids[i, : len(t)] = torch.tensor(t)
-        return self.target.forward(ids.to(self.target.device), None, logits="all").logits
+        out = self.target.forward(ids.to(self.target.device), None, logits="all", taps=self.layers)
+        return out.logits, (_concat_taps(out.taps, self.layers) if self.layers else None)
 
-    def prefill(self, rows: Sequence[int], seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    def prefill(self, rows: Sequence[int], seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Feats]:
         toks = [list(seqs[r]) for r in rows]
-        logits = self._run(toks)
+        logits, f = self._run(toks)
         last = torch.tensor([len(t) - 1 for t in toks], device=logits.device)
-        return logits[torch.arange(len(toks)), last]
+        feats = [f[i, : len(t)] for i, t in enumerate(toks)] if f is not None else None
+        return logits[torch.arange(len(toks)), last], feats
 
-    def score(self, rows: Sequence[int], seqs: Sequence[Sequence[int]], drafts: list[list[int]], k: int) -> torch.Tensor:
+    def score(self, rows: Sequence[int], seqs: Sequence[Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
         toks = [list(seqs[r]) + d for r, d in zip(rows, drafts)]
-        logits = self._run(toks)
+        logits, f = self._run(toks)
         # slot j of row i is the position of the anchor + j (clamped into the real tokens)
         start = torch.tensor([len(seqs[r]) - 1 for r in rows], device=logits.device)
         pos = start[:, None] + torch.arange(k + 1, device=logits.device)[None, :]
         lens = torch.tensor([len(t) - 1 for t in toks], device=logits.device)
         pos = torch.minimum(pos, lens[:, None])
-        return logits[torch.arange(len(rows), device=logits.device)[:, None], pos]
+        feats = None
+        if f is not None:
+            feats = [f[i, int(start[i]) : len(t)] for i, t in enumerate(toks)]
+        return logits[torch.arange(len(rows), device=logits.device)[:, None], pos], feats
 
     def commit(self, row: int, fed_drafts: int, accepted: int) -> None:
         pass
@@ -131,7 +152,8 @@ class SpeculativeEngine:
             check_prompt(p, self.target.vocab_size)
         gen, stops, params = cfg.generator(), cfg.stops(self.target), cfg.sampling
         stop_set = set(stops)
-        runner = _KVRunner(self.target) if self.cache_mode == "kv" else _RecomputeRunner(self.target)
+        layers = getattr(self.drafter, "feature_layers", None)
+        runner = (_KVRunner if self.cache_mode == "kv" else _RecomputeRunner)(self.target, layers)
         B = len(prompts)
         seqs = [list(p) for p in prompts]
         outs: list[list[int]] = [[] for _ in range(B)]
@@ -139,7 +161,10 @@ class SpeculativeEngine:
         reasons: list[Literal["stop", "length"]] = ["length"] * B
 
         t0 = time.perf_counter()
-        first = sample_from_logits(runner.prefill(range(B), seqs), params, gen).tolist()
+        last_logits, feats = runner.prefill(range(B), seqs)
+        # features of committed tokens the drafter has not seen yet (the prompt, at first)
+        pending: dict[int, torch.Tensor] = dict(enumerate(feats)) if feats is not None else {}
+        first = sample_from_logits(last_logits, params, gen).tolist()
         active: list[int] = []
         for r, t in enumerate(first):
             seqs[r].append(t)
@@ -156,18 +181,27 @@ class SpeculativeEngine:
             t_round = time.perf_counter()
             # never draft past the token budget: a round emits at most drafts + 1 tokens
             room = torch.tensor([cfg.max_new_tokens - len(outs[r]) - 1 for r in active])
-            state = DraftState([seqs[r] for r in active], active, min(self.num_draft, int(room.max())), params, gen)
+            state = DraftState(
+                [seqs[r] for r in active],
+                active,
+                min(self.num_draft, int(room.max())),
+                params,
+                gen,
+                [pending.pop(r) for r in active] if layers else None,
+            )
             prop = self._propose(state)
             lens = torch.minimum(prop.lens.cpu(), room)
             k = prop.tokens.shape[1]
             drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(active))]
-            logits = runner.score(active, seqs, drafts, k)
+            logits, feats = runner.score(active, seqs, drafts, k)
             res = verify(logits, prop.tokens, lens, prop.probs, params, gen, stops)
             still: list[int] = []
             for i, r in enumerate(active):
                 n_acc = int(res.num_accepted[i])
                 stats[r].record(int(lens[i]), n_acc)
                 runner.commit(r, int(lens[i]), n_acc)
+                if feats is not None:
+                    pending[r] = feats[i][: n_acc + 1]  # the anchor and the accepted drafts
                 new = res.emitted(i)
                 seqs[r].extend(new)
                 outs[r].extend(new)

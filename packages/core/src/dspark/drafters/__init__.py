@@ -7,14 +7,51 @@ from typing import Any
 
 from dspark.drafters.base import Drafter, DraftState, Proposal
 from dspark.drafters.ngram import NgramDrafter
+from dspark.drafters.parallel import DraftConfig, ParallelDrafter
+from dspark.drafters.vocab import DraftVocab
 
-REGISTRY: dict[str, Callable[..., Drafter]] = {"ngram": NgramDrafter}
+
+def _dflash(target: Any, **kw: Any) -> ParallelDrafter:
+    return ParallelDrafter.for_target(target, "dflash", **kw)
 
 
-def build_drafter(name: str, **kwargs: Any) -> Drafter:
+def _dspark(target: Any, **kw: Any) -> ParallelDrafter:
+    return ParallelDrafter.for_target(target, "dspark", **kw)
+
+
+def _ngram(target: Any = None, **kw: Any) -> NgramDrafter:
+    return NgramDrafter(**kw)
+
+
+# name -> factory(target, **options) building a fresh (untrained) drafter
+REGISTRY: dict[str, Callable[..., Drafter]] = {"ngram": _ngram, "dflash": _dflash, "dspark": _dspark}
+
+
+def build_drafter(name: str, target: Any = None, **kwargs: Any) -> Drafter:
+    """A fresh drafter by registry name (``ngram``, ``dflash``, ``dspark``)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown drafter {name!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[name](**kwargs)
+    if name != "ngram" and target is None:
+        raise ValueError(f"drafter {name!r} is built for a target: pass target=")
+    return REGISTRY[name](target, **kwargs)
 
 
-__all__ = ["Drafter", "DraftState", "Proposal", "NgramDrafter", "REGISTRY", "build_drafter"]
+def load_drafter(path: str, target: Any) -> Drafter:
+    """Load a saved drafter checkpoint (any kind) and attach it to ``target``."""
+    from dspark.drafters.checkpoint import load_drafter as _load
+
+    return _load(path, target)
+
+
+__all__ = [
+    "Drafter",
+    "DraftState",
+    "Proposal",
+    "NgramDrafter",
+    "ParallelDrafter",
+    "DraftConfig",
+    "DraftVocab",
+    "REGISTRY",
+    "build_drafter",
+    "load_drafter",
+]

@@ -21,6 +21,9 @@ class DraftState:
     max_draft:   the most tokens the engine will verify for a request this round.
     params:      the target's sampling params (drafters sample at the same temperature).
     generator:   randomness for sampling drafters.
+    features:    for drafters with ``feature_layers``: per request, the target features
+                 [n_new, m*d] (the chosen layers' outputs, concatenated) of the tokens
+                 committed since the last call, so seqs[i][:-1] is fully covered.
     """
 
     seqs: Sequence[Sequence[int]]
@@ -28,6 +31,7 @@ class DraftState:
     max_draft: int
     params: SamplingParams = field(default_factory=SamplingParams)
     generator: Generators = None
+    features: Sequence[torch.Tensor] | None = None
 
 
 @dataclass
@@ -38,11 +42,14 @@ class Proposal:
     lens:   [B] long, how many drafts row b proposes (0 is allowed).
     probs:  [B, K, V] fp32 draft distributions the tokens were drawn from, or None for a
             deterministic drafter (then p_d is the one-hot of each token).
+    confidence: [B, K] calibrated per-step survival confidences c_k, if the drafter has
+            a confidence head (the scheduler's input).
     """
 
     tokens: torch.Tensor
     lens: torch.Tensor
     probs: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
 
     @classmethod
     def from_lists(cls, drafts: Sequence[Sequence[int]], max_draft: int) -> Proposal:
@@ -58,9 +65,14 @@ class Proposal:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """Anything with ``propose``; ``release`` frees per-request state (optional)."""
+    """Anything with ``propose``; ``release`` frees per-request state.
+
+    ``feature_layers``: target decoder layers whose outputs the drafter reads (None for
+    drafters that need no target features, like n-gram).
+    """
 
     name: str
+    feature_layers: list[int] | None
 
     def propose(self, state: DraftState) -> Proposal: ...
 

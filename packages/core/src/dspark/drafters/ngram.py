@@ -41,6 +41,7 @@ class NgramDrafter:
     """Propose up to ``num_tokens`` tokens by prompt lookup, longest n-gram first."""
 
     name = "ngram"
+    feature_layers = None
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 7) -> None:
         if not 1 <= min_ngram <= max_ngram:

@@ -1,0 +1,197 @@
+"""DFlash-style parallel backbone: one forward drafts a whole block of g tokens.
+
+- Context features: raw outputs of m target layers, concatenated per token and projected,
+  H_ctx = RMSNorm(W_c [h(l1); ...; h(lm)]).
+- Block: the anchor's embedding, then g-1 mask-token embeddings; slot j predicts the
+  token at anchor_pos + j + 1.
+- KV injection: every draft layer attends from the block's queries to
+  [W_k H_ctx ; W_k H_block] (each layer projects the shared H_ctx with its own K/V
+  weights; the context is not propagated through layers).
+- Mask: a block sees context positions strictly before its anchor and every slot of its
+  own block (bidirectional). Positions are absolute (the target's).
+- Draft layers are the target family's own decoder layers (Gemma 3, Qwen3, Llama, ...):
+  their projections, q/k norms, MLP and norms are reused; only the attention wiring
+  (queries from the block, keys/values from context + block) is ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def family_layer_class(config) -> type[nn.Module]:
+    """The decoder-layer class of a HF causal-LM family (``Gemma3DecoderLayer``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if name is None:
+        raise ValueError(f"no causal-LM family known for model_type {config.model_type!r}")
+    module = importlib.import_module(f"transformers.models.{_module_dir(config.model_type)}.modeling_{_module_dir(config.model_type)}")
+    cls = getattr(module, name.replace("ForCausalLM", "DecoderLayer"), None)
+    if cls is None:
+        raise ValueError(f"{module.__name__} has no decoder layer class for {name}")
+    return cls
+
+
+def _module_dir(model_type: str) -> str:
+    return {"gemma3_text": "gemma3"}.get(model_type, model_type)
+
+
+def rope_theta(config) -> float:
+    rp = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in rp:
+        rp = rp["full_attention"]
+    return float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def draft_layer_config(target_config, num_layers: int):
+    """The target's config, cut to ``num_layers`` full-attention layers."""
+    cfg = copy.deepcopy(target_config)
+    cfg.num_hidden_layers = num_layers
+    if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
+        cfg.layer_types = ["full_attention"] * num_layers
+    if hasattr(cfg, "sliding_window"):
+        cfg.sliding_window = None
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+class Rotary(nn.Module):
+    """Standard rotary embedding at absolute positions (rotate-half convention)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [B, H, L, hd], pos [B, L] -> rotated x."""
+        ang = pos[:, None, :, None].float() * self.inv_freq  # [B, 1, L, hd/2]
+        emb = torch.cat([ang, ang], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class LayerKV:
+    """Projected context keys/values of one draft layer: [B, Hkv, T, hd] each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class InjectedLayer(nn.Module):
+    """A family decoder layer whose attention reads context K/V injected from outside."""
+
+    def __init__(self, layer: nn.Module, rotary: Rotary) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rotary = rotary
+        a = layer.self_attn
+        self.head_dim = a.head_dim
+        self.n_heads = a.q_proj.out_features // a.head_dim
+        self.n_kv = a.k_proj.out_features // a.head_dim
+        # Gemma-style "sandwich" norms around attention and MLP, else Llama/Qwen style
+        self.sandwich = hasattr(layer, "pre_feedforward_layernorm")
+
+    def _heads(self, x: torch.Tensor, proj: nn.Linear, norm: nn.Module | None, n: int) -> torch.Tensor:
+        B, L, _ = x.shape
+        h = proj(x).view(B, L, n, self.head_dim)
+        if norm is not None:
+            h = norm(h)
+        return h.transpose(1, 2)  # [B, n, L, hd]
+
+    def context_kv(self, h_ctx: torch.Tensor, pos: torch.Tensor) -> LayerKV:
+        """h_ctx [B, T, d] projected context, pos [B, T] -> this layer's K/V of the context."""
+        a = self.layer.self_attn
+        k = self.rotary(self._heads(h_ctx, a.k_proj, getattr(a, "k_norm", None), self.n_kv), pos)
+        v = self._heads(h_ctx, a.v_proj, None, self.n_kv)
+        return LayerKV(k, v)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, ctx: LayerKV, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, L, d] block hidden, pos [B, L], ctx K/V [B, Hkv, T, hd],
+        mask [B, L, T+L] bool (True = may attend) or None (all visible)."""
+        lay, a = self.layer, self.layer.self_attn
+        res = x
+        h = lay.input_layernorm(x)
+        q = self.rotary(self._heads(h, a.q_proj, getattr(a, "q_norm", None), self.n_heads), pos)
+        k = self.rotary(self._heads(h, a.k_proj, getattr(a, "k_norm", None), self.n_kv), pos)
+        v = self._heads(h, a.v_proj, None, self.n_kv)
+        k = torch.cat([ctx.k.to(k.dtype), k], dim=2)
+        v = torch.cat([ctx.v.to(v.dtype), v], dim=2)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[:, None], scale=a.scaling
+        )
+        h = a.o_proj(att.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        if self.sandwich:
+            h = res + lay.post_attention_layernorm(h)
+            return h + lay.post_feedforward_layernorm(lay.mlp(lay.pre_feedforward_layernorm(h)))
+        h = res + h
+        return h + lay.mlp(lay.post_attention_layernorm(h))
+
+
+class ParallelBackbone(nn.Module):
+    """Context projector + injected draft layers + final norm."""
+
+    def __init__(self, target_config, num_layers: int, num_features: int) -> None:
+        super().__init__()
+        cfg = draft_layer_config(target_config, num_layers)
+        layer_cls = family_layer_class(cfg)
+        d = cfg.hidden_size
+        layers = [layer_cls(cfg, i) for i in range(num_layers)]
+        norm_cls = type(layers[0].input_layernorm)
+        eps = getattr(cfg, "rms_norm_eps", 1e-6)
+        self.hidden_size = d
+        self.fc = nn.Linear(num_features * d, d, bias=False)
+        self.ctx_norm = norm_cls(d, eps=eps)
+        rotary = Rotary(layers[0].self_attn.head_dim, rope_theta(cfg))
+        self.layers = nn.ModuleList([InjectedLayer(lay, rotary) for lay in layers])
+        self.norm = norm_cls(d, eps=eps)  # the family's fresh norm is the identity
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def project_context(self, feats: torch.Tensor) -> torch.Tensor:
+        """[..., T, m*d] concatenated target-layer features -> [..., T, d]."""
+        return self.ctx_norm(self.fc(feats.to(self.fc.weight.dtype)))
+
+    def context_kv(self, feats: torch.Tensor, pos: torch.Tensor) -> list[LayerKV]:
+        """Per-layer context K/V from raw features [B, T, m*d] at positions [B, T]."""
+        h = self.project_context(feats)
+        return [lay.context_kv(h, pos) for lay in self.layers]
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, ctx: list[LayerKV], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, L, d] block embeddings -> [B, L, d] normed hidden states."""
+        h = x.to(self.fc.weight.dtype)
+        for lay, kv in zip(self.layers, ctx):
+            h = lay(h, pos, kv, mask)
+        return self.norm(h)
+
+
+def block_mask(ctx_pos: torch.Tensor, ctx_valid: torch.Tensor, anchors: torch.Tensor, gamma: int) -> torch.Tensor:
+    """Attention mask for nb blocks of g slots against T context positions.
+
+    ctx_pos [B, T] absolute positions; ctx_valid [B, T] bool (False = padding);
+    anchors [B, nb] anchor positions -> [B, nb*g, T + nb*g] bool.
+    Block b sees context positions < anchors[b] and the slots of block b only.
+    """
+    B, nb = anchors.shape
+    q_anchor = anchors.repeat_interleave(gamma, dim=1)  # [B, nb*g]
+    see_ctx = (ctx_pos[:, None, :] < q_anchor[:, :, None]) & ctx_valid[:, None, :]
+    blk = torch.arange(nb, device=anchors.device).repeat_interleave(gamma)
+    see_blk = (blk[:, None] == blk[None, :]).expand(B, -1, -1)
+    return torch.cat([see_ctx, see_blk], dim=2)

@@ -1,0 +1,167 @@
+"""DFlash / DSpark drafters on tiny Gemma-3- and Qwen3-shaped targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.drafters import DraftVocab, ParallelDrafter, build_drafter, load_drafter
+from dspark.drafters.base import DraftState
+from dspark.engine import SpeculativeEngine
+from dspark.generate import GenerationConfig, ar_generate
+from dspark.heads import RNNHead
+from dspark.sampling import SamplingParams, probs_from_logits
+from tests.tiny import tiny_gemma3, tiny_qwen3
+
+V, G = 64, 4
+TARGETS = {"gemma3": lambda: tiny_gemma3(vocab=V, layers=4), "qwen3": lambda: tiny_qwen3(vocab=V, layers=4)}
+KINDS = {"dflash": {}, "dspark": {}, "dspark-rnn": {"head": "rnn"}}
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def target(request):
+    return TARGETS[request.param]()
+
+
+def make(target, kind, vocab=None, seed=0):
+    torch.manual_seed(seed)
+    d = build_drafter(kind.split("-")[0], target, gamma=G, rank=8, num_layers=2, mask_token_id=3, vocab=vocab, **KINDS[kind])
+    # an untrained drafter has zero-init heads; randomise them so the tests see real biases
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            if "head" in name or "conf" in name:
+                p.normal_(0, 0.3)
+    return d
+
+
+def features(target, ids: torch.Tensor, layers) -> torch.Tensor:
+    out = target.forward(ids, taps=layers)
+    return torch.cat([out.taps[i] for i in layers], -1)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_shapes(target, kind):
+    d = make(target, kind)
+    ids = torch.randint(4, V, (2, 20))
+    out = d.forward_blocks(features(target, ids, d.feature_layers), ids, torch.tensor([[3, 9, 15], [5, 6, 7]]))
+    assert out.logits.shape == (2, 3, G, V) and out.hidden.shape == (2, 3, G, target.hidden_size)
+    assert (out.conf_logits is None) == (kind == "dflash")
+    if out.conf_logits is not None:
+        assert out.conf_logits.shape == (2, 3, G)
+    st = DraftState([ids[0, :11].tolist()], [0], G, SamplingParams(), torch.Generator().manual_seed(0), [features(target, ids[:1, :10], d.feature_layers)[0]])
+    prop = d.propose(st)
+    assert prop.tokens.shape == (1, G) and prop.probs.shape == (1, G, V) and prop.lens.tolist() == [G]
+    torch.testing.assert_close(prop.probs.sum(-1), torch.ones(1, G))
+
+
+@pytest.mark.parametrize("kind", ["dflash", "dspark"])
+def test_attention_mask(target, kind):
+    d = make(target, kind)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, V, (1, 24), generator=g)
+    feats = features(target, ids, d.feature_layers)
+    anchors = torch.tensor([[8, 16]])
+    base = d.forward_blocks(feats, ids, anchors).logits
+
+    def block0(f, i):
+        return d.forward_blocks(f, i, anchors).logits[0, 0]
+
+    at_or_after = feats.clone()
+    at_or_after[:, 8:] += torch.randn(at_or_after[:, 8:].shape, generator=g)
+    torch.testing.assert_close(block0(at_or_after, ids), base[0, 0])  # context >= anchor: invisible
+    other = ids.clone()
+    other[0, 16] = (other[0, 16] + 1) % V  # the other block's anchor token
+    torch.testing.assert_close(block0(feats, other), base[0, 0])
+    assert not torch.allclose(d.forward_blocks(feats, other, anchors).logits[0, 1], base[0, 1])
+    before = feats.clone()
+    before[:, 7] += 5 * torch.randn(before[:, 7].shape, generator=g)  # strictly before the anchor
+    assert not torch.allclose(block0(before, ids), base[0, 0])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_teacher_forced_logits_equal_sampling_loop(target, kind, draft_vocab):
+    """Forcing the teacher-forced path onto the tokens the sampling loop drew reproduces
+    the loop's distributions exactly: training and inference compute the same thing."""
+    vocab = DraftVocab(torch.arange(40, 4, -1), V) if draft_vocab else None
+    d = make(target, kind, vocab)
+    g = torch.Generator().manual_seed(2)
+    seq = torch.randint(4, V, (1, 13), generator=g)
+    params = SamplingParams(temperature=1.0)
+    st = DraftState([seq[0].tolist()], [7], G, params, g, [features(target, seq[:, :12], d.feature_layers)[0]])
+    prop = d.propose(st)
+    drafted = prop.tokens[0].tolist()
+    full = torch.tensor([seq[0].tolist() + drafted[:-1]])
+    feats = torch.cat([features(target, seq[:, :12], d.feature_layers), torch.randn(1, G, len(d.feature_layers) * target.hidden_size)], 1)
+    tf = d.forward_blocks(feats, full, torch.tensor([[12]]))
+    probs = d.vocab.scatter_probs(probs_from_logits(tf.logits[0, 0], params))
+    torch.testing.assert_close(probs, prop.probs[0], rtol=1e-4, atol=1e-6)
+    if draft_vocab:
+        outside = torch.ones(V, dtype=torch.bool)
+        outside[d.vocab.ids] = False
+        assert float(prop.probs[0][:, outside].abs().sum()) == 0.0
+        assert set(drafted) <= set(d.vocab.ids.tolist())
+    if kind != "dflash":
+        conf = torch.sigmoid(tf.conf_logits[0, 0])
+        torch.testing.assert_close(conf, prop.confidence[0], rtol=1e-4, atol=1e-6)
+
+
+def test_rnn_head_step_by_step_equals_block():
+    head = RNNHead(30, rank=6, hidden_size=8)
+    with torch.no_grad():
+        head.w2.weight.normal_()
+    prev, hid = torch.randint(0, 31, (3, 5)), torch.randn(3, 5, 8)
+    block = head.block_bias(prev, hid)
+    state, steps = head.init_state(3, prev.device), []
+    for k in range(5):
+        b, state = head.step(state, prev[:, k], hid[:, k])
+        steps.append(b)
+    torch.testing.assert_close(torch.stack(steps, 1), block)
+    assert not torch.allclose(block[:, 1], head.block_bias(prev[:, 1:2], hid[:, 1:2])[:, 0])  # state matters
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_greedy_identity_through_engine(target, kind):
+    cfg = GenerationConfig(max_new_tokens=30, sampling=SamplingParams(temperature=0), stop_token_ids=[])
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 10, 11]]
+    want = [ar_generate(target, p, cfg).tokens for p in prompts]
+    for mode in ("kv", "recompute"):
+        res = SpeculativeEngine(target, make(target, kind), num_draft=G, cache_mode=mode).generate(prompts, cfg)
+        assert [r.tokens for r in res] == want
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_save_load_round_trip(target, kind, tmp_path):
+    vocab = DraftVocab(torch.arange(V - 1, 9, -1), V)
+    d = make(target, kind, vocab)
+    d.calibrator.temperatures = [1.5, 1.2, 1.0, 0.9]
+    d.save_pretrained(str(tmp_path / "ckpt"))
+    e = load_drafter(str(tmp_path / "ckpt"), target)
+    assert type(e) is ParallelDrafter and e.cfg == d.cfg and e.calibrator.temperatures == [1.5, 1.2, 1.0, 0.9]
+    seq = torch.randint(4, V, (1, 11))
+    f = features(target, seq[:, :10], d.feature_layers)[0]
+    mk = lambda: DraftState([seq[0].tolist()], [0], G, SamplingParams(), torch.Generator().manual_seed(3), [f])  # noqa: E731
+    a, b = d.propose(mk()), e.propose(mk())
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs)
+    with pytest.raises(Exception, match="already exists"):
+        d.save_pretrained(str(tmp_path / "ckpt"))
+
+
+def test_loading_against_the_wrong_target_fails(tmp_path):
+    t = tiny_gemma3(vocab=V, layers=4)
+    make(t, "dspark").save_pretrained(str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="trained for target 'tiny-gemma3'.*vocab_size: drafter 64 vs target 80"):
+        load_drafter(str(tmp_path / "c"), tiny_gemma3(vocab=80, layers=4))
+    with pytest.raises(ValueError, match="model_type"):
+        load_drafter(str(tmp_path / "c"), tiny_qwen3(vocab=V, layers=4))
+    with pytest.raises(Exception, match="not a drafter checkpoint"):
+        load_drafter(str(tmp_path), t)
+
+
+def test_config_validation(target):
+    with pytest.raises(ValueError, match="feature_layers"):
+        build_drafter("dspark", target, feature_layers=[9])
+    with pytest.raises(ValueError, match="needs head"):
+        build_drafter("dspark", target, head="none")
+    with pytest.raises(ValueError, match="pass target"):
+        build_drafter("dflash")
