@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.drafters import DraftVocab, ParallelDrafter, build_drafter, load_drafter
+from dspark.drafters import DraftVocab, Eagle3Drafter, build_drafter, load_drafter
 from dspark.drafters.base import DraftState
 from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
@@ -15,7 +15,8 @@ from tests.tiny import tiny_gemma3, tiny_qwen3
 
 V, G = 64, 4
 TARGETS = {"gemma3": lambda: tiny_gemma3(vocab=V, layers=4), "qwen3": lambda: tiny_qwen3(vocab=V, layers=4)}
-KINDS = {"dflash": {}, "dspark": {}, "dspark-rnn": {"head": "rnn"}}
+KINDS = {"dflash": {}, "dspark": {}, "dspark-rnn": {"head": "rnn"}}  # the parallel drafters
+ALL_KINDS = {**KINDS, "eagle3": {}}
 
 
 @pytest.fixture(scope="module", params=list(TARGETS))
@@ -25,6 +26,8 @@ def target(request):
 
 def make(target, kind, vocab=None, seed=0):
     torch.manual_seed(seed)
+    if kind == "eagle3":
+        return build_drafter("eagle3", target, gamma=G, vocab=vocab)
     d = build_drafter(kind.split("-")[0], target, gamma=G, rank=8, num_layers=2, mask_token_id=3, vocab=vocab, **KINDS[kind])
     # an untrained drafter has zero-init heads; randomise them so the tests see real biases
     with torch.no_grad():
@@ -120,7 +123,7 @@ def test_rnn_head_step_by_step_equals_block():
     assert not torch.allclose(block[:, 1], head.block_bias(prev[:, 1:2], hid[:, 1:2])[:, 0])  # state matters
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
 def test_greedy_identity_through_engine(target, kind):
     cfg = GenerationConfig(max_new_tokens=30, sampling=SamplingParams(temperature=0), stop_token_ids=[])
     prompts = [[1, 5, 6, 7, 8, 9], [1, 10, 11]]
@@ -130,14 +133,17 @@ def test_greedy_identity_through_engine(target, kind):
         assert [r.tokens for r in res] == want
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
 def test_save_load_round_trip(target, kind, tmp_path):
     vocab = DraftVocab(torch.arange(V - 1, 9, -1), V)
     d = make(target, kind, vocab)
     d.calibrator.temperatures = [1.5, 1.2, 1.0, 0.9]
+    with torch.no_grad():  # make every weight matter for the comparison
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     d.save_pretrained(str(tmp_path / "ckpt"))
     e = load_drafter(str(tmp_path / "ckpt"), target)
-    assert type(e) is ParallelDrafter and e.cfg == d.cfg and e.calibrator.temperatures == [1.5, 1.2, 1.0, 0.9]
+    assert type(e) is type(d) and e.cfg == d.cfg and e.calibrator.temperatures == [1.5, 1.2, 1.0, 0.9]
     seq = torch.randint(4, V, (1, 11))
     f = features(target, seq[:, :10], d.feature_layers)[0]
     mk = lambda: DraftState([seq[0].tolist()], [0], G, SamplingParams(), torch.Generator().manual_seed(3), [f])  # noqa: E731
@@ -165,3 +171,26 @@ def test_config_validation(target):
         build_drafter("dspark", target, head="none")
     with pytest.raises(ValueError, match="pass target"):
         build_drafter("dflash")
+
+
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_eagle3_training_time_test_equals_chain_drafting(target, draft_vocab):
+    """Step s of the TTT unroll, forced onto the tokens the chain drew, reproduces the
+    chain's s-th draft distribution: the unroll trains exactly what inference runs."""
+    vocab = DraftVocab(torch.arange(40, 4, -1), V) if draft_vocab else None
+    torch.manual_seed(0)
+    d = build_drafter("eagle3", target, gamma=3, vocab=vocab)
+    assert isinstance(d, Eagle3Drafter)
+    g = torch.Generator().manual_seed(4)
+    n = 10
+    seq = torch.randint(4, V, (1, n), generator=g)  # anchor at n-1
+    params = SamplingParams(temperature=1.0)
+    f = features(target, seq[:, : n - 1], d.feature_layers)
+    prop = d.propose(DraftState([seq[0].tolist()], [0], 3, params, g, [f[0]]))
+    d1, d2, _ = prop.tokens[0].tolist()
+    ids = torch.tensor([seq[0].tolist() + [d1, d2]])
+    feats = torch.cat([f, torch.randn(1, 3, f.shape[-1])], 1)  # features past n-2 must not matter
+    steps = d.forward_ttt(feats, ids, steps=3)
+    for s, j in enumerate((n - 2, n - 1, n)):
+        probs = d.vocab.scatter_probs(probs_from_logits(steps[s][0, j], params))
+        torch.testing.assert_close(probs, prop.probs[0, s], rtol=1e-4, atol=1e-6)

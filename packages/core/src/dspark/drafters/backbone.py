@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 
 def family_layer_class(config) -> type[nn.Module]:
@@ -115,29 +116,50 @@ class InjectedLayer(nn.Module):
         v = self._heads(h_ctx, a.v_proj, None, self.n_kv)
         return LayerKV(k, v)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, ctx: LayerKV, mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, L, d] block hidden, pos [B, L], ctx K/V [B, Hkv, T, hd],
-        mask [B, L, T+L] bool (True = may attend) or None (all visible)."""
+    def attend(
+        self, res: torch.Tensor, qkv_in: torch.Tensor, pos: torch.Tensor, past: LayerKV | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, LayerKV]:
+        """Attention of the new positions over [past ; new] keys, then the MLP.
+
+        res [B, L, d] residual stream; qkv_in [B, L, d_in] what q/k/v project (the normed
+        block for DFlash, [embedding ; feature] for Eagle3); pos [B, L] absolute
+        positions; past K/V [B, Hkv, T, hd] or None; mask [B, L, T+L] bool or None.
+        Returns the layer output [B, L, d] and the new positions' K/V.
+        """
         lay, a = self.layer, self.layer.self_attn
-        res = x
-        h = lay.input_layernorm(x)
-        q = self.rotary(self._heads(h, a.q_proj, getattr(a, "q_norm", None), self.n_heads), pos)
-        k = self.rotary(self._heads(h, a.k_proj, getattr(a, "k_norm", None), self.n_kv), pos)
-        v = self._heads(h, a.v_proj, None, self.n_kv)
-        k = torch.cat([ctx.k.to(k.dtype), k], dim=2)
-        v = torch.cat([ctx.v.to(v.dtype), v], dim=2)
+        q = self.rotary(self._heads(qkv_in, a.q_proj, getattr(a, "q_norm", None), self.n_heads), pos)
+        k = self.rotary(self._heads(qkv_in, a.k_proj, getattr(a, "k_norm", None), self.n_kv), pos)
+        v = self._heads(qkv_in, a.v_proj, None, self.n_kv)
+        new = LayerKV(k, v)
+        if past is not None:
+            k = torch.cat([past.k.to(k.dtype), k], dim=2)
+            v = torch.cat([past.v.to(v.dtype), v], dim=2)
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if mask is None else mask[:, None], scale=a.scaling
-        )
-        h = a.o_proj(att.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None], scale=a.scaling)
+        h = a.o_proj(att.transpose(1, 2).reshape(res.shape[0], res.shape[1], -1))
         if self.sandwich:
             h = res + lay.post_attention_layernorm(h)
-            return h + lay.post_feedforward_layernorm(lay.mlp(lay.pre_feedforward_layernorm(h)))
+            return h + lay.post_feedforward_layernorm(lay.mlp(lay.pre_feedforward_layernorm(h))), new
         h = res + h
-        return h + lay.mlp(lay.post_attention_layernorm(h))
+        return h + lay.mlp(lay.post_attention_layernorm(h)), new
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, ctx: LayerKV, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, L, d] block hidden, pos [B, L], injected context K/V [B, Hkv, T, hd],
+        mask [B, L, T+L] bool (True = may attend) or None (all visible)."""
+        return self.attend(x, self.layer.input_layernorm(x), pos, ctx, mask)[0]
+
+
+def pad_kv(kvs: list[LayerKV]) -> tuple[LayerKV, torch.Tensor]:
+    """Right-pad per-request K/V ([1, Hkv, T_i, hd] each) into one batch.
+    Returns the batched K/V [B, Hkv, T_max, hd] and valid [B, T_max] bool."""
+    lengths = torch.tensor([kv.k.shape[2] for kv in kvs], device=kvs[0].k.device)
+    # [Hkv, T, hd] -> [T, Hkv, hd] so pad_sequence pads the time axis
+    k = pad_sequence([kv.k[0].transpose(0, 1) for kv in kvs], batch_first=True).transpose(1, 2)
+    v = pad_sequence([kv.v[0].transpose(0, 1) for kv in kvs], batch_first=True).transpose(1, 2)
+    valid = torch.arange(k.shape[2], device=k.device)[None, :] < lengths[:, None]
+    return LayerKV(k, v), valid
 
 
 class ParallelBackbone(nn.Module):

@@ -53,15 +53,20 @@ def load_drafter(path: str | Path, target: Any, cls: type | None = None) -> Any:
     """Rebuild a drafter from ``path`` and attach it to ``target`` (identity-checked)."""
     from transformers import AutoConfig
 
-    from dspark.drafters.parallel import DraftConfig, ParallelDrafter
+    from dspark.drafters.eagle3 import Eagle3Drafter
+    from dspark.drafters.linked import DraftConfig
+    from dspark.drafters.parallel import ParallelDrafter
 
+    classes = {"ParallelDrafter": ParallelDrafter, "Eagle3Drafter": Eagle3Drafter}
     meta = read_config(path)
+    if meta.get("drafter_class") not in classes:
+        raise ModelLoadError(f"{path}: unknown drafter class {meta.get('drafter_class')!r}")
     tc = dict(meta["target_config"])
     target_config = AutoConfig.for_model(tc.pop("model_type"), **tc)
     cfg = DraftConfig(**meta["drafter"])
     state = load_file(str(Path(path) / WEIGHTS))
     vocab = DraftVocab(state["vocab.ids"], cfg.target_vocab_size)
-    drafter = (cls or ParallelDrafter)(cfg, target_config, vocab)
+    drafter = (cls or classes[meta["drafter_class"]])(cfg, target_config, vocab)
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

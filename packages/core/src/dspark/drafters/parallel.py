@@ -13,66 +13,22 @@ own K/V are recomputed each round and discarded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
-from dspark.drafters.backbone import LayerKV, ParallelBackbone, block_mask
+from dspark.drafters.backbone import LayerKV, ParallelBackbone, block_mask, pad_kv
 from dspark.drafters.base import DraftState, Proposal
+from dspark.drafters.linked import DraftConfig, LinkedDrafter
 from dspark.drafters.vocab import DraftVocab
-from dspark.heads.calibration import STSCalibrator
 from dspark.heads.confidence import ConfidenceHead
 from dspark.heads.markov import MarkovHead
 from dspark.heads.rnn import RNNHead
 from dspark.sampling import probs_from_logits, sample
 
 HEADS = {"markov": MarkovHead, "rnn": RNNHead}
-
-
-@dataclass
-class DraftConfig:
-    """Everything needed to rebuild a drafter; stored as config.json with the weights."""
-
-    kind: Literal["dflash", "dspark"] = "dspark"
-    target_name: str = ""
-    target_model_type: str = ""
-    target_vocab_size: int = 0
-    target_num_layers: int = 0
-    hidden_size: int = 0
-    feature_layers: list[int] = field(default_factory=list)
-    num_layers: int = 2
-    gamma: int = 7
-    mask_token_id: int = 0
-    head: Literal["markov", "rnn", "none"] = "markov"
-    rank: int = 256
-    confidence: bool = True
-    draft_vocab_size: int = 0  # 0 = the full target vocabulary
-
-    def validate(self) -> None:
-        if self.kind not in ("dflash", "dspark"):
-            raise ValueError(f"drafter kind must be dflash or dspark, got {self.kind!r}")
-        if self.head not in ("markov", "rnn", "none"):
-            raise ValueError(f"head must be markov, rnn or none, got {self.head!r}")
-        if self.kind == "dflash" and (self.head != "none" or self.confidence):
-            raise ValueError("a dflash drafter has no sequential or confidence head (head=none, confidence=false)")
-        if self.kind == "dspark" and self.head == "none":
-            raise ValueError("a dspark drafter needs head=markov or head=rnn")
-        if self.gamma < 1 or self.num_layers < 1:
-            raise ValueError(f"gamma and num_layers must be >= 1, got {self.gamma}, {self.num_layers}")
-        if not self.feature_layers:
-            raise ValueError("feature_layers must name at least one target layer")
-        bad = [i for i in self.feature_layers if not 0 <= i < self.target_num_layers]
-        if bad:
-            raise ValueError(f"feature_layers {bad} out of range for a {self.target_num_layers}-layer target")
-        if not 0 <= self.mask_token_id < self.target_vocab_size:
-            raise ValueError(f"mask_token_id {self.mask_token_id} outside the target vocabulary")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -97,91 +53,17 @@ class _RowCache:
         self.length = 0
 
 
-class ParallelDrafter(nn.Module):
-    """DFlash / DSpark drafter. Build with :meth:`for_target`, load with
-    :meth:`from_pretrained` (``dspark.drafters.checkpoint``)."""
+class ParallelDrafter(LinkedDrafter):
+    """DFlash / DSpark drafter. Build with ``for_target``, load with ``from_pretrained``."""
 
     def __init__(self, cfg: DraftConfig, target_config: Any, vocab: DraftVocab | None = None) -> None:
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.name = cfg.kind
-        self.target_config = target_config
-        self.feature_layers = list(cfg.feature_layers)
+        super().__init__(cfg, target_config, vocab)
+        if cfg.kind not in ("dflash", "dspark"):
+            raise ValueError(f"ParallelDrafter builds dflash or dspark drafters, not {cfg.kind!r}")
         self.backbone = ParallelBackbone(target_config, cfg.num_layers, len(cfg.feature_layers))
-        self.vocab = vocab if vocab is not None else DraftVocab.full(cfg.target_vocab_size)
-        if self.vocab.target_vocab_size != cfg.target_vocab_size:
-            raise ValueError("draft vocabulary was built for another target vocabulary size")
-        cfg.draft_vocab_size = 0 if self.vocab.is_full else self.vocab.size
         d, k = cfg.hidden_size, self.vocab.size
         self.head = HEADS[cfg.head](k, cfg.rank, d) if cfg.head != "none" else None
         self.conf = ConfidenceHead(d, cfg.rank) if cfg.confidence and self.head is not None else None
-        self.calibrator = STSCalibrator()
-        # frozen target pieces, attached (not owned, not saved)
-        self._embed: nn.Module | None = None
-        self._lm_w: torch.Tensor | None = None
-        self._softcap: float | None = None
-        self._cache: dict[int, _RowCache] = {}
-
-    # ------------------------------------------------------------------ target link
-    @classmethod
-    def for_target(cls, target: Any, kind: str = "dspark", vocab: DraftVocab | None = None, **overrides: Any) -> ParallelDrafter:
-        """A fresh (untrained) drafter shaped for ``target``."""
-        c = target.config
-        base = dict(
-            kind=kind,
-            target_name=target.name,
-            target_model_type=c.model_type,
-            target_vocab_size=target.vocab_size,
-            target_num_layers=target.num_layers,
-            hidden_size=target.hidden_size,
-            head="markov" if kind == "dspark" else "none",
-            confidence=kind == "dspark",
-        )
-        base.update(overrides)
-        if "feature_layers" not in base:
-            n = target.num_layers
-            base["feature_layers"] = sorted({max(1, round(i * (n - 2) / 4)) for i in range(5)})
-        drafter = cls(DraftConfig(**base), c, vocab)
-        drafter.attach(target)
-        return drafter
-
-    def attach(self, target: Any) -> None:
-        """Share the target's frozen embedding and LM head (after an identity check)."""
-        c = self.cfg
-        checks = {
-            "model_type": (c.target_model_type, target.config.model_type),
-            "vocab_size": (c.target_vocab_size, target.vocab_size),
-            "hidden_size": (c.hidden_size, target.hidden_size),
-            "num_layers": (c.target_num_layers, target.num_layers),
-        }
-        bad = {k: v for k, v in checks.items() if v[0] != v[1]}
-        if bad:
-            detail = ", ".join(f"{k}: drafter {a} vs target {b}" for k, (a, b) in bad.items())
-            raise ValueError(f"drafter was trained for target {c.target_name!r}, not {target.name!r} ({detail})")
-        # bypass nn.Module registration: the target owns these, the drafter only borrows
-        object.__setattr__(self, "_embed", target.model.get_input_embeddings())
-        w = target.get_lm_head_weight()
-        object.__setattr__(self, "_lm_w", w if self.vocab.is_full else w[self.vocab.ids.to(w.device)].detach())
-        self._softcap = getattr(target.config, "final_logit_softcapping", None)
-        self.to(device=w.device)
-
-    def _need_target(self) -> None:
-        if self._embed is None or self._lm_w is None:
-            raise RuntimeError("drafter is not attached to a target: call attach(target)")
-
-    # ------------------------------------------------------------------ pieces
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        self._need_target()
-        return self._embed(ids)
-
-    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., d] -> [..., K] fp32 logits over the draft vocabulary."""
-        self._need_target()
-        logits = (hidden.to(self._lm_w.dtype) @ self._lm_w.T).float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
 
     def block_inputs(self, anchors: torch.Tensor) -> torch.Tensor:
         """[...] anchor ids -> [..., g] block ids: anchor then g-1 mask tokens."""
@@ -246,19 +128,15 @@ class ParallelDrafter(nn.Module):
         return rows
 
     def _batched_ctx(self, rows: list[_RowCache]) -> tuple[list[LayerKV], torch.Tensor | None]:
-        """Stack per-request context K/V into a right-padded batch plus a key mask."""
+        """Stack per-request context K/V into a right-padded batch plus the block mask."""
         if len(rows) == 1:
             return rows[0].kv, None
-        out = []
+        out, valid = [], None
         for layer in range(len(self.backbone.layers)):
-            # [Hkv, T, hd] -> [T, Hkv, hd] so pad_sequence pads the time axis
-            ks = pad_sequence([r.kv[layer].k[0].transpose(0, 1) for r in rows], batch_first=True)
-            vs = pad_sequence([r.kv[layer].v[0].transpose(0, 1) for r in rows], batch_first=True)
-            out.append(LayerKV(ks.transpose(1, 2), vs.transpose(1, 2)))
-        lengths = torch.tensor([r.length for r in rows], device=self._lm_w.device)
-        tmax, g = int(lengths.max()), self.cfg.gamma
-        valid = torch.arange(tmax, device=lengths.device)[None, :] < lengths[:, None]
-        blk = torch.ones(len(rows), g, g, dtype=torch.bool, device=lengths.device)
+            kv, valid = pad_kv([r.kv[layer] for r in rows])
+            out.append(kv)
+        g = self.cfg.gamma
+        blk = torch.ones(len(rows), g, g, dtype=torch.bool, device=valid.device)
         return out, torch.cat([valid[:, None, :].expand(-1, g, -1), blk], 2)
 
     @torch.inference_mode()
@@ -306,19 +184,3 @@ class ParallelDrafter(nn.Module):
             prev = x
         conf = self.calibrator.apply(torch.stack(confs, 1)) if confs else None
         return torch.stack(toks, 1), torch.stack(probs, 1), conf
-
-    def release(self, request_ids: Sequence[int]) -> None:
-        for rid in request_ids:
-            self._cache.pop(rid, None)
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, path: str) -> None:
-        from dspark.drafters.checkpoint import save_drafter
-
-        save_drafter(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path: str, target: Any) -> ParallelDrafter:
-        from dspark.drafters.checkpoint import load_drafter
-
-        return load_drafter(path, target, cls)
