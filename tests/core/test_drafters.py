@@ -9,7 +9,8 @@ from dspark.drafters import DraftVocab, Eagle3Drafter, build_drafter, load_draft
 from dspark.drafters.base import DraftState
 from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
-from dspark.heads import RNNHead
+from dspark.drafters.vocab import count_tokens
+from dspark.heads import RNNHead, STSCalibrator
 from dspark.sampling import SamplingParams, probs_from_logits
 from tests.tiny import tiny_gemma3, tiny_qwen3
 
@@ -194,3 +195,30 @@ def test_eagle3_training_time_test_equals_chain_drafting(target, draft_vocab):
     for s, j in enumerate((n - 2, n - 1, n)):
         probs = d.vocab.scatter_probs(probs_from_logits(steps[s][0, j], params))
         torch.testing.assert_close(probs, prop.probs[0, s], rtol=1e-4, atol=1e-6)
+
+
+def test_engine_records_confidences_for_sts(target):
+    d = make(target, "dspark")
+    cfg = GenerationConfig(max_new_tokens=25, sampling=SamplingParams(temperature=1.0), stop_token_ids=[], seed=0)
+    res = SpeculativeEngine(target, d, num_draft=G).generate([[1, 5, 6, 7], [1, 9]], cfg)
+    stats = res[0].stats.merge(res[1].stats)
+    conf, survived, valid = stats.calibration_data(G)
+    with_drafts = [a for a, n in zip(stats.accepted, stats.draft_lens) if n > 0]
+    assert conf.shape == survived.shape == valid.shape == (len(with_drafts), G)
+    assert bool(((conf > 0) & (conf < 1)).all())
+    assert torch.equal(survived.sum(1), torch.tensor(with_drafts))
+    cal = STSCalibrator().fit(conf, survived, valid)
+    assert len(cal.temperatures) == G and set(cal.report) == {"ece_before", "ece_after", "auc_before", "auc_after"}
+    with pytest.raises(ValueError, match="no confidences were recorded"):
+        SpeculativeEngine(target, make(target, "dflash"), G).generate([[1, 5]], cfg)[0].stats.calibration_data(G)
+
+
+def test_draft_vocab_from_counts():
+    counts = count_tokens([[5, 5, 5, 7, 7, 9], [9, 9, 9, 9]], 12)
+    vocab = DraftVocab.from_counts(counts, 3, always=[1])
+    assert vocab.ids.tolist() == [1, 9, 5]
+    assert vocab.encode(torch.tensor([9, 5, 7])).tolist() == [1, 2, 3]  # 7 is out of vocabulary -> K
+    probs = vocab.scatter_probs(torch.tensor([[0.2, 0.5, 0.3]]))
+    assert probs.shape == (1, 12) and float(probs[0, 9]) == 0.5 and float(probs.sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unique"):
+        DraftVocab(torch.tensor([1, 1]), 12)

@@ -198,7 +198,8 @@ class SpeculativeEngine:
             still: list[int] = []
             for i, r in enumerate(active):
                 n_acc = int(res.num_accepted[i])
-                stats[r].record(int(lens[i]), n_acc)
+                conf = None if prop.confidence is None else prop.confidence[i].tolist()
+                stats[r].record(int(lens[i]), n_acc, conf)
                 runner.commit(r, int(lens[i]), n_acc)
                 if feats is not None:
                     pending[r] = feats[i][: n_acc + 1]  # the anchor and the accepted drafts

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class SpecStats:
@@ -24,12 +26,16 @@ class SpecStats:
     accepted: list[int] = field(default_factory=list)
     new_tokens: int = 0
     seconds: float = 0.0
+    # per round, the drafter's per-step confidences c_1..c_n, or None (drafters without a
+    # confidence head, rounds without drafts): the data STS calibration is fitted on
+    confidences: list[list[float] | None] = field(default_factory=list)
 
-    def record(self, draft_len: int, accepted: int) -> None:
+    def record(self, draft_len: int, accepted: int, confidence: list[float] | None = None) -> None:
         if not 0 <= accepted <= draft_len:
             raise ValueError(f"accepted={accepted} must be in 0..draft_len={draft_len}")
         self.draft_lens.append(int(draft_len))
         self.accepted.append(int(accepted))
+        self.confidences.append(None if confidence is None else [float(c) for c in confidence[:draft_len]])
 
     def merge(self, other: SpecStats) -> SpecStats:
         return SpecStats(
@@ -37,7 +43,23 @@ class SpecStats:
             accepted=self.accepted + other.accepted,
             new_tokens=self.new_tokens + other.new_tokens,
             seconds=self.seconds + other.seconds,
+            confidences=self.confidences + other.confidences,
         )
+
+    def calibration_data(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rounds that recorded confidences, as STS input: conf [N, gamma], survived
+        [N, gamma] (drafts 1..k all accepted), valid [N, gamma] (a k-th draft was verified)."""
+        rows = [i for i, c in enumerate(self.confidences) if c]
+        if not rows:
+            raise ValueError("no confidences were recorded (drafter without a confidence head?)")
+        conf = torch.full((len(rows), gamma), 0.5, dtype=torch.float64)
+        for j, i in enumerate(rows):
+            c = self.confidences[i][:gamma]
+            conf[j, : len(c)] = torch.tensor(c, dtype=torch.float64)
+        k = torch.arange(1, gamma + 1)[None, :]
+        acc = torch.tensor([self.accepted[i] for i in rows])[:, None]
+        lens = torch.tensor([self.draft_lens[i] for i in rows])[:, None]
+        return conf, acc >= k, lens >= k
 
     @property
     def rounds(self) -> int:

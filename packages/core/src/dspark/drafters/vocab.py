@@ -13,6 +13,16 @@ import torch
 from torch import nn
 
 
+def count_tokens(sequences: Iterable[Iterable[int]], vocab_size: int) -> torch.Tensor:
+    """[V] occurrence counts of target ids over token sequences (the training data)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for seq in sequences:
+        ids = torch.as_tensor(list(seq), dtype=torch.long)
+        if len(ids):
+            counts += torch.bincount(ids, minlength=vocab_size)
+    return counts
+
+
 class DraftVocab(nn.Module):
     """Maps between target ids and draft ids.
 
