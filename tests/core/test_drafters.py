@@ -11,7 +11,7 @@ from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
 from dspark.drafters.vocab import count_tokens
 from dspark.heads import RNNHead, STSCalibrator
-from dspark.sampling import SamplingParams, probs_from_logits
+from dspark.sampling import SamplingParams, temperature_probs
 from tests.tiny import tiny_gemma3, tiny_qwen3
 
 V, G = 64, 4
@@ -98,7 +98,7 @@ def test_teacher_forced_logits_equal_sampling_loop(target, kind, draft_vocab):
     full = torch.tensor([seq[0].tolist() + drafted[:-1]])
     feats = torch.cat([features(target, seq[:, :12], d.feature_layers), torch.randn(1, G, len(d.feature_layers) * target.hidden_size)], 1)
     tf = d.forward_blocks(feats, full, torch.tensor([[12]]))
-    probs = d.vocab.scatter_probs(probs_from_logits(tf.logits[0, 0], params))
+    probs = d.vocab.scatter_probs(temperature_probs(tf.logits[0, 0], params.temperature))
     torch.testing.assert_close(probs, prop.probs[0], rtol=1e-4, atol=1e-6)
     if draft_vocab:
         outside = torch.ones(V, dtype=torch.bool)
@@ -193,7 +193,7 @@ def test_eagle3_training_time_test_equals_chain_drafting(target, draft_vocab):
     feats = torch.cat([f, torch.randn(1, 3, f.shape[-1])], 1)  # features past n-2 must not matter
     steps = d.forward_ttt(feats, ids, steps=3)
     for s, j in enumerate((n - 2, n - 1, n)):
-        probs = d.vocab.scatter_probs(probs_from_logits(steps[s][0, j], params))
+        probs = d.vocab.scatter_probs(temperature_probs(steps[s][0, j], params.temperature))
         torch.testing.assert_close(probs, prop.probs[0, s], rtol=1e-4, atol=1e-6)
 
 

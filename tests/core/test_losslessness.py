@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+import dspark.kernels.reference as ref_mod
 import dspark.verify as verify_mod
 from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig
@@ -109,7 +110,7 @@ def test_detects_missing_residual(target, monkeypatch):
     """Resampling from p_t instead of max(p_t - p_d, 0) after a rejection biases the
     output toward the draft's favourite token."""
     params = PARAMS["T1"]
-    monkeypatch.setattr(verify_mod, "residual", lambda p, q: p)
+    monkeypatch.setattr(ref_mod, "residual", lambda p, q: p)
     counts = sample_counts(target, make_drafter("peaked_wrong", target, params), params)
     assert chi2_pvalue(counts, exact_distribution(target, params)) < 1e-6
 
@@ -121,7 +122,7 @@ def test_detects_bonus_from_wrong_slot(target, monkeypatch):
     def off_by_one(n_acc, lens):
         return torch.where(n_acc == lens, (n_acc - 1).clamp_min(0), n_acc)
 
-    monkeypatch.setattr(verify_mod, "correction_slot", off_by_one)
+    monkeypatch.setattr(ref_mod, "correction_slot", off_by_one)
     drafter = RandomDrafter(V, k=1, seed=1, ragged=False)  # bonus lands on token 3
     counts = sample_counts(target, drafter, params)
     assert chi2_pvalue(counts, exact_distribution(target, params)) < 1e-6
@@ -155,4 +156,21 @@ def test_trained_model_drafters_are_lossless(target, kind, kw):
             p.normal_(0, 0.5)
     params = PARAMS["T1"]
     counts = sample_counts(target, drafter, params)
+    assert chi2_pvalue(counts, exact_distribution(target, params)) > 1e-3
+
+
+# ---- the same statistics through the Triton rejection sampler -------------------------
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+    reason="Triton needs CUDA or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("kind,pname", [("peaked_wrong", "T1"), ("deterministic", "T0.8-topk4-topp0.9")])
+def test_triton_rejection_sampler_is_lossless(target, kind, pname):
+    from dspark import kernels
+
+    params = PARAMS[pname]
+    with kernels.backend_override("triton"):
+        counts = sample_counts(target, make_drafter(kind, target, params), params)
     assert chi2_pvalue(counts, exact_distribution(target, params)) > 1e-3

@@ -61,6 +61,16 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return probs
 
 
+def temperature_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[..., V] -> fp32 softmax(logits / T); the one-hot argmax at T = 0. How drafters
+    turn logits into the distributions they sample from (no top-k / top-p: those shape
+    the target only, and any draft distribution is lossless)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.softmax(logits / temperature, dim=-1)
+
+
 def _rows(gens: Generators, batch: int) -> list[torch.Generator | None]:
     if gens is None or isinstance(gens, torch.Generator):
         return [gens] * batch  # type: ignore[list-item]
@@ -76,6 +86,13 @@ def uniform(shape: tuple[int, int], gens: Generators, device: torch.device | str
     return torch.stack([torch.rand(shape[1], generator=g, device=device) for g in _rows(gens, shape[0])])
 
 
+def exponential(shape: tuple[int, int], gens: Generators, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, n] Exp(1) draws; one generator for the batch, or one per row."""
+    if gens is None or isinstance(gens, torch.Generator):
+        return torch.empty(shape, device=device).exponential_(generator=gens)
+    return torch.stack([torch.empty(shape[1], device=device).exponential_(generator=g) for g in _rows(gens, shape[0])])
+
+
 def sample(weights: torch.Tensor, gens: Generators = None) -> torch.Tensor:
     """[B, V] non-negative (not necessarily normalised) weights -> [B] sampled ids.
 
@@ -84,13 +101,7 @@ def sample(weights: torch.Tensor, gens: Generators = None) -> torch.Tensor:
     """
     if weights.dim() != 2:
         raise ValueError(f"sample expects [B, V] weights, got {tuple(weights.shape)}")
-    if gens is None or isinstance(gens, torch.Generator):
-        noise = torch.empty_like(weights, dtype=torch.float32).exponential_(generator=gens)
-    else:
-        noise = torch.stack(
-            [torch.empty(weights.shape[1], device=weights.device).exponential_(generator=g) for g in _rows(gens, weights.shape[0])]
-        )
-    return (weights.float() / noise).argmax(-1)
+    return (weights.float() / exponential(tuple(weights.shape), gens, weights.device)).argmax(-1)
 
 
 def sample_from_logits(logits: torch.Tensor, params: SamplingParams, gens: Generators = None) -> torch.Tensor:

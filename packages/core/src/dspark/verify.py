@@ -18,11 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.sampling import Generators, SamplingParams, probs_from_logits, sample, uniform
-
-# Below this residual mass the rejection itself had probability <= the mass, so falling
-# back to p_t (to avoid sampling from rounding noise) changes nothing measurable.
-RESIDUAL_EPS = 1e-6
+from dspark import kernels
+from dspark.sampling import Generators, SamplingParams, exponential, probs_from_logits, uniform
 
 
 @dataclass
@@ -43,28 +40,6 @@ class VerifyOutput:
 
     def emitted(self, row: int) -> list[int]:
         return self.tokens[row, : int(self.num_emitted[row])].tolist()
-
-
-def _first_false(ok: torch.Tensor) -> torch.Tensor:
-    """[B, K] bool -> [B] length of the all-true prefix."""
-    return ok.long().cumprod(dim=1).sum(dim=1)
-
-
-def correction_slot(n_acc: torch.Tensor, draft_lens: torch.Tensor) -> torch.Tensor:
-    """[B] slot whose target distribution the last emitted token comes from: the first
-    rejected slot, or slot n_b (one past the last draft) for the bonus token."""
-    return n_acc
-
-
-def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """[B, V] target and draft probs at the rejected slot -> [B, V] correction weights.
-
-    max(p - q, 0), or p itself where that mass is ~0 (rows where q is zero, i.e. the
-    bonus slot, get p back exactly since p - 0 = p).
-    """
-    r = (p - q).clamp_min(0.0)
-    tiny = r.sum(-1, keepdim=True) <= RESIDUAL_EPS
-    return torch.where(tiny, p, r)
 
 
 def verify(
@@ -97,38 +72,14 @@ def verify(
     device = target_logits.device
     draft_tokens = draft_tokens.to(device)
     draft_lens = draft_lens.to(device)
-    rows = torch.arange(B, device=device)
-    valid = torch.arange(K, device=device)[None, :] < draft_lens[:, None]  # [B, K]
-
     if params.greedy:
-        best = target_logits.argmax(-1)  # [B, K+1]
-        n_acc = _first_false((draft_tokens == best[:, :K]) & valid)
-        last = best[rows, n_acc]  # correction and bonus are both the argmax there
+        tokens, n_acc = kernels.rejection_greedy(target_logits.argmax(-1), draft_tokens, draft_lens)
     else:
         p = probs_from_logits(target_logits, params)  # [B, K+1, V] fp32
-        safe = draft_tokens.clamp_min(0)
-        p_x = p[:, :K].gather(-1, safe[..., None]).squeeze(-1)  # [B, K]
-        if draft_probs is None:
-            q_x = torch.ones_like(p_x)
-        else:
-            q_x = draft_probs.float().to(device).gather(-1, safe[..., None]).squeeze(-1)
         u = uniform((B, K), generator, device)
-        n_acc = _first_false((u * q_x < p_x) & valid)
-        p_last = p[rows, correction_slot(n_acc, draft_lens)]  # [B, V]
-        rejected = n_acc < draft_lens  # else: bonus slot, q = 0
-        q_last = torch.zeros_like(p_last)
-        if rejected.any():
-            idx = n_acc.clamp_max(max(K - 1, 0))
-            if draft_probs is None:
-                q_last.scatter_(-1, safe[rows, idx][:, None], 1.0)
-            else:
-                q_last = draft_probs.float().to(device)[rows, idx]
-            q_last = q_last * rejected[:, None]
-        last = sample(residual(p_last, q_last), generator)
-
-    tokens = torch.full((B, K + 1), -1, dtype=torch.long, device=device)
-    tokens[:, :K] = torch.where(torch.arange(K, device=device)[None, :] < n_acc[:, None], draft_tokens, -1)
-    tokens[rows, n_acc] = last
+        noise = exponential((B, p.shape[-1]), generator, device)
+        q = None if draft_probs is None else draft_probs.float().to(device)
+        tokens, n_acc = kernels.rejection_sample(p, draft_tokens, draft_lens, q, u, noise)
     n_emit = n_acc + 1
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     if stop_token_ids:

@@ -22,7 +22,7 @@ from dspark.drafters.backbone import InjectedLayer, LayerKV, Rotary, draft_layer
 from dspark.drafters.base import DraftState, Proposal
 from dspark.drafters.linked import DraftConfig, LinkedDrafter
 from dspark.drafters.vocab import DraftVocab
-from dspark.sampling import probs_from_logits, sample
+from dspark.sampling import sample, temperature_probs
 
 
 class _RowCache:
@@ -168,7 +168,7 @@ class Eagle3Drafter(LinkedDrafter):
         pos = torch.tensor([len(s) - 1 for s in state.seqs], device=dev)[:, None]  # the anchor's position
         toks, probs = [], []
         for step in range(k):
-            p = probs_from_logits(self.logits(hidden[:, -1]), params)
+            p = temperature_probs(self.logits(hidden[:, -1]), params.temperature)
             x = p.argmax(-1) if params.greedy else sample(p, gen)
             toks.append(x)
             probs.append(p)

@@ -26,7 +26,8 @@ from dspark.drafters.vocab import DraftVocab
 from dspark.heads.confidence import ConfidenceHead
 from dspark.heads.markov import MarkovHead
 from dspark.heads.rnn import RNNHead
-from dspark.sampling import probs_from_logits, sample
+from dspark import kernels
+from dspark.sampling import exponential, temperature_probs
 
 HEADS = {"markov": MarkovHead, "rnn": RNNHead}
 
@@ -162,25 +163,25 @@ class ParallelDrafter(LinkedDrafter):
     def _sample(
         self, h: torch.Tensor, base: torch.Tensor, prev: torch.Tensor, state: DraftState
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Left-to-right sampling (independent per slot without a head).
-        Returns draft-vocab tokens [B, g], fp32 probs [B, g, K], confidences [B, g] or None."""
-        params, gen = state.params, state.generator
+        """Draft tokens at the target's temperature (top-k / top-p shape only the target:
+        any draft distribution is lossless). Without a head every slot is independent;
+        with one, the Markov / RNN loop runs left to right (kernels.markov_sample /
+        rnn_sample). Returns draft-vocab tokens [B, g], fp32 probs [B, g, K] (exactly
+        what the tokens were drawn from), calibrated confidences [B, g] or None."""
+        temp = state.params.temperature
+        B, g, K = base.shape
+        noise = None if temp == 0 else exponential((B, g * K), state.generator, base.device).view(B, g, K)
         if self.head is None:
-            probs = probs_from_logits(base, params)
-            if params.greedy:
-                return probs.argmax(-1), probs, None
-            return torch.stack([sample(probs[:, k], gen) for k in range(base.shape[1])], 1), probs, None
-        B, g = base.shape[:2]
-        hstate = self.head.init_state(B, h.device)
-        toks, probs, confs = [], [], []
-        for k in range(g):
-            if self.conf is not None:
-                confs.append(torch.sigmoid(self.conf.logits(h[:, k], self.head.prev_embedding(prev)).float()))
-            bias, hstate = self.head.step(hstate, prev, h[:, k])
-            p = probs_from_logits(base[:, k] + bias.float(), params)  # temperature after the bias
-            x = p.argmax(-1) if params.greedy else sample(p, gen)
-            toks.append(x)
-            probs.append(p)
-            prev = x
-        conf = self.calibrator.apply(torch.stack(confs, 1)) if confs else None
-        return torch.stack(toks, 1), torch.stack(probs, 1), conf
+            probs = temperature_probs(base, temp)
+            tok = probs.argmax(-1) if noise is None else (probs / noise).argmax(-1)
+            return tok, probs, None
+        if isinstance(self.head, MarkovHead):
+            tok, probs = kernels.markov_sample(base, self.head.w1.weight, self.head.w2.weight, prev, temp, noise)
+        else:
+            cell = self.head.cell
+            tok, probs = kernels.rnn_sample(base, h, self.head.w1.weight, cell.weight, cell.bias, self.head.w2.weight, prev, temp, noise)
+        conf = None
+        if self.conf is not None:
+            prevs = torch.cat([prev[:, None], tok[:, :-1]], 1)  # x_0 = anchor, then the drafts
+            conf = self.calibrator.apply(torch.sigmoid(self.conf.logits(h, self.head.prev_embedding(prevs)).float()))
+        return tok, probs, conf
