@@ -86,7 +86,7 @@ def main() -> None:
 
     jobs = {
         "rejection sampler (sampled)": lambda impl: (lambda: impl.rejection_sample(*rej)),
-        "rejection sampler (greedy)": lambda impl: (lambda: impl.rejection_greedy(rej[0].argmax(-1), rej[1], rej[2])),
+        "rejection sampler (greedy, incl. target argmax)": lambda impl: (lambda: impl.rejection_greedy(rej[0].argmax(-1), rej[1], rej[2])),
         "Markov head sampler (T=1)": lambda impl: (lambda: impl.markov_sample(base, w1, w2, prev0, 1.0, hn)),
         "RNN head sampler (T=1)": lambda impl: (lambda: impl.rnn_sample(base, hid, w1, cw, cb, w2, prev0, 1.0, hn)),
         "distillation loss fwd+bwd": lambda impl: loss_fb(impl),

@@ -113,7 +113,8 @@ def markov_sample(
     B, g, _ = base.shape
     prev, toks, probs = prev0, [], []
     for k in range(g):
-        logits = base[:, k] + (w1[prev].float() @ w2.float().T)
+        # matmul in the weights' dtype (no per-step fp32 copy of W2); the sum is fp32
+        logits = base[:, k] + (w1[prev] @ w2.T).float()
         p = temperature_probs(logits, temperature)
         x = _race(p, None if noise is None else noise[:, k])
         toks.append(x)
@@ -140,11 +141,11 @@ def rnn_sample(
     state = torch.zeros(B, r, dtype=torch.float32, device=base.device)
     prev, toks, probs = prev0, [], []
     for k in range(g):
-        z = torch.cat([state, w1[prev].float(), hidden[:, k].float()], -1)
-        gg, c, o = (z @ cell_w.float().T + cell_b.float()).chunk(3, -1)
+        z = torch.cat([state.to(cell_w.dtype), w1[prev].to(cell_w.dtype), hidden[:, k].to(cell_w.dtype)], -1)
+        gg, c, o = (z @ cell_w.T + cell_b).float().chunk(3, -1)
         gate = torch.sigmoid(gg)
         state = gate * state + (1 - gate) * torch.tanh(c)
-        p = temperature_probs(base[:, k] + torch.tanh(o) @ w2.float().T, temperature)
+        p = temperature_probs(base[:, k] + (torch.tanh(o).to(w2.dtype) @ w2.T).float(), temperature)
         x = _race(p, None if noise is None else noise[:, k])
         toks.append(x)
         probs.append(p)
