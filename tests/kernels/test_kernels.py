@@ -104,8 +104,10 @@ def test_markov_sampler_matches_reference(temperature):
 
 @needs_triton
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_rnn_sampler_matches_reference(temperature):
-    base, w1, w2, prev0, noise, hid, cw, cb = head_case()
+@pytest.mark.parametrize("shape", [dict(), dict(K=300, R=64, D=100)], ids=["small", "chunked"])
+def test_rnn_sampler_matches_reference(temperature, shape):
+    """'chunked': the cell's 228 input columns and the 300-token vocabulary span several blocks."""
+    base, w1, w2, prev0, noise, hid, cw, cb = head_case(**shape)
     nz = None if temperature == 0 else noise
     want_t, want_p = ref.rnn_sample(base, hid, w1, cw, cb, w2, prev0, temperature, nz)
     got_t, got_p = tri().rnn_sample(base, hid, w1, cw, cb, w2, prev0, temperature, nz)

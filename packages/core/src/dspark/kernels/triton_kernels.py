@@ -153,6 +153,7 @@ def _vocab_step(BASE_ROW, PROB_ROW, NOISE_ROW, W2, bias_in, rs, rm, Kv, R, t, GR
             m_new = tl.maximum(m, tl.max(lg, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(lg - m_new), axis=0)
             m = m_new
+    tl.debug_barrier()
     if GREEDY:
         for v0 in range(0, Kv, BV):
             vs = v0 + tl.arange(0, BV)
@@ -192,20 +193,24 @@ def _tanh(x):
 
 
 @triton.jit
-def _cell_rows(CW, CB, gate, state, e, h, rs, rm, ds, dm, R, width):
-    """Rows [gate*R, (gate+1)*R) of the RNN cell: W [s; e; h] + b."""
+def _cell_rows(CW, CB, ZROW, gate, rs, rm, R, width, BC: tl.constexpr):
+    """Rows [gate*R, (gate+1)*R) of the RNN cell, W z + b, with z = [s; e; h] read back
+    from the per-row scratch in column blocks of BC (bounded register tiles)."""
     rows = gate * R + rs
-    ws = tl.load(CW + rows[:, None] * width + rs[None, :], mask=rm[:, None] & rm[None, :], other=0.0)
-    we = tl.load(CW + rows[:, None] * width + R + rs[None, :], mask=rm[:, None] & rm[None, :], other=0.0)
-    wh = tl.load(CW + rows[:, None] * width + 2 * R + ds[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-    acc = tl.sum(ws * state[None, :], axis=1) + tl.sum(we * e[None, :], axis=1) + tl.sum(wh * h[None, :], axis=1)
+    acc = tl.zeros_like(rs.to(tl.float32))
+    for c0 in range(0, width, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < width
+        z = tl.load(ZROW + cols, mask=cm, other=0.0)
+        w = tl.load(CW + rows[:, None] * width + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        acc += tl.sum(w * z[None, :], axis=1)
     return acc + tl.load(CB + rows, mask=rm, other=0.0)
 
 
 @triton.jit
 def _rnn_kernel(
-    BASE, HID, W1, CW, CB, W2, PREV0, NOISE, TOK, PROBS, G, Kv, R, D, t,
-    GREEDY: tl.constexpr, RP: tl.constexpr, DP: tl.constexpr, BV: tl.constexpr,
+    BASE, HID, W1, CW, CB, W2, PREV0, NOISE, TOK, PROBS, Z, G, Kv, R, D, t,
+    GREEDY: tl.constexpr, RP: tl.constexpr, DP: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rs = tl.arange(0, RP)
@@ -213,18 +218,28 @@ def _rnn_kernel(
     ds = tl.arange(0, DP)
     dm = ds < D
     width = 2 * R + D
+    zrow = Z + b * width
     state = tl.zeros([RP], tl.float32)
     prev = tl.load(PREV0 + b)
     for k in range(0, G):
-        e = tl.load(W1 + prev * R + rs, mask=rm, other=0.0)
-        h = tl.load(HID + (b * G + k) * D + ds, mask=dm, other=0.0)
-        gate_v = tl.sigmoid(_cell_rows(CW, CB, 0, state, e, h, rs, rm, ds, dm, R, width))
-        cand = _tanh(_cell_rows(CW, CB, 1, state, e, h, rs, rm, ds, dm, R, width))
-        o = tl.where(rm, _tanh(_cell_rows(CW, CB, 2, state, e, h, rs, rm, ds, dm, R, width)), 0.0)
+        # z = [s; W1[prev]; h_k] into the scratch row, then the three gate blocks
+        tl.store(zrow + rs, state, mask=rm)
+        tl.store(zrow + R + rs, tl.load(W1 + prev * R + rs, mask=rm, other=0.0), mask=rm)
+        tl.store(zrow + 2 * R + ds, tl.load(HID + (b * G + k) * D + ds, mask=dm, other=0.0), mask=dm)
+        tl.debug_barrier()
+        gate_v = tl.sigmoid(_cell_rows(CW, CB, zrow, 0, rs, rm, R, width, BC))
+        cand = _tanh(_cell_rows(CW, CB, zrow, 1, rs, rm, R, width, BC))
+        o = tl.where(rm, _tanh(_cell_rows(CW, CB, zrow, 2, rs, rm, R, width, BC)), 0.0)
+        tl.debug_barrier()
         state = tl.where(rm, gate_v * state + (1 - gate_v) * cand, 0.0)
         row = (b * G + k) * Kv
         prev = _vocab_step(BASE + row, PROBS + row, NOISE + row, W2, o, rs, rm, Kv, R, t, GREEDY, BV).to(tl.int64)
         tl.store(TOK + b * G + k, prev)
+
+
+def _head_bv(rp: int, kv: int) -> int:
+    """Vocabulary block for the head samplers: BV x RP register tiles of <= 8192 floats."""
+    return max(16, min(256, 8192 // rp, _pow2(kv, 16)))
 
 
 def markov_sample(base, w1, w2, prev0, temperature, noise):
@@ -236,7 +251,7 @@ def markov_sample(base, w1, w2, prev0, temperature, noise):
     nz = noise.contiguous() if noise is not None else base
     _markov_kernel[(B,)](
         base.contiguous(), w1.float().contiguous(), w2.float().contiguous(), prev0.contiguous(), nz, tok, probs,
-        G, Kv, R, float(temperature) if not greedy else 1.0, GREEDY=greedy, RP=_pow2(R), BV=min(256, _pow2(Kv, 16)),
+        G, Kv, R, float(temperature) if not greedy else 1.0, GREEDY=greedy, RP=_pow2(R), BV=_head_bv(_pow2(R), Kv),
     )
     return tok, probs
 
@@ -248,11 +263,13 @@ def rnn_sample(base, hidden, w1, cell_w, cell_b, w2, prev0, temperature, noise):
     probs = torch.empty((B, G, Kv), dtype=torch.float32, device=base.device)
     greedy = temperature == 0
     nz = noise.contiguous() if noise is not None else base
+    scratch = torch.empty((B, 2 * R + D), dtype=torch.float32, device=base.device)
+    rp = _pow2(R)
     _rnn_kernel[(B,)](
         base.contiguous(), hidden.float().contiguous(), w1.float().contiguous(), cell_w.float().contiguous(),
-        cell_b.float().contiguous(), w2.float().contiguous(), prev0.contiguous(), nz, tok, probs,
+        cell_b.float().contiguous(), w2.float().contiguous(), prev0.contiguous(), nz, tok, probs, scratch,
         G, Kv, R, D, float(temperature) if not greedy else 1.0,
-        GREEDY=greedy, RP=_pow2(R), DP=_pow2(D), BV=min(256, _pow2(Kv, 16)),
+        GREEDY=greedy, RP=rp, DP=_pow2(D), BV=_head_bv(rp, Kv), BC=max(16, 8192 // rp),
     )
     return tok, probs
 
