@@ -22,6 +22,7 @@ import torch
 from dspark.drafters.base import Drafter, DraftState, Proposal
 from dspark.generate import GenerationConfig, GenerationResult, check_prompt
 from dspark.metrics import SpecStats
+from dspark.scheduler import PrefixScheduler
 from dspark.sampling import sample_from_logits
 from dspark.target import Target
 from dspark.verify import verify
@@ -122,6 +123,8 @@ class SpeculativeEngine:
     """Batched speculative decoding with any :class:`Drafter` (or none: plain AR).
 
     num_draft: the most draft tokens verified per request per round (gamma).
+    scheduler: optionally trims each request's draft to the verify length a
+        :class:`~dspark.scheduler.PrefixScheduler` picks from the drafter's confidences.
     """
 
     def __init__(
@@ -130,18 +133,33 @@ class SpeculativeEngine:
         drafter: Drafter | None,
         num_draft: int = 7,
         cache_mode: CacheMode = "kv",
+        scheduler: PrefixScheduler | None = None,
     ) -> None:
         if num_draft < 0:
             raise ValueError(f"num_draft must be >= 0, got {num_draft}")
         if cache_mode not in ("kv", "recompute"):
             raise ValueError(f"cache_mode must be kv or recompute, got {cache_mode!r}")
         self.target, self.drafter, self.num_draft, self.cache_mode = target, drafter, num_draft, cache_mode
+        self.scheduler = scheduler
 
     def _propose(self, state: DraftState) -> Proposal:
         if self.drafter is None or state.max_draft == 0:
             n = len(state.seqs)
             return Proposal(torch.zeros((n, 0), dtype=torch.long), torch.zeros(n, dtype=torch.long))
         return self.drafter.propose(state)
+
+    def _schedule(self, prop: Proposal, lens: torch.Tensor, active: list[int]) -> torch.Tensor:
+        if prop.confidence is None and self.scheduler.needs_confidence:
+            raise ValueError(
+                f"scheduler policy {self.scheduler.policy!r} needs drafter confidences; "
+                f"drafter {getattr(self.drafter, 'name', '?')!r} has no confidence head"
+            )
+        survival = [
+            torch.cumprod(prop.confidence[i, : int(n)].float().cpu(), 0) if prop.confidence is not None else torch.ones(int(n))
+            for i, n in enumerate(lens)
+        ]
+        chosen = torch.tensor(self.scheduler.verify_lengths(survival, active), dtype=torch.long)
+        return torch.minimum(lens, chosen)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[GenerationResult]:
@@ -191,6 +209,8 @@ class SpeculativeEngine:
             )
             prop = self._propose(state)
             lens = torch.minimum(prop.lens.cpu(), room)
+            if self.scheduler is not None and bool((lens > 0).any()):
+                lens = self._schedule(prop, lens, active)
             k = prop.tokens.shape[1]
             drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(active))]
             logits, feats = runner.score(active, seqs, drafts, k)

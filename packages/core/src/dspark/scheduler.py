@@ -1,0 +1,182 @@
+"""Hardware-aware prefix scheduler: how many draft tokens of each request to verify.
+
+Inputs per step: for each active request r, its prefix-survival probabilities
+a_{r,1..n_r} (a_{r,j} = prod_{i<=j} c_{r,i}, calibrated, non-increasing in j), and a
+profiled SPS(B) curve (target steps per second at B tokens in the verify batch).
+Verify lengths l_r choose B = sum(1 + l_r) and the expected accepted tokens
+tau* = sum(1 + sum_{j<=l_r} a_{r,j}); DSpark maximises Theta = tau* x SPS(B).
+
+Policies:
+- ``none``: l_r = 0 (plain autoregressive decoding).
+- ``static``: l_r = min(gamma, n_r).
+- ``threshold``: the longest prefix with a_{r,j} >= threshold.
+- ``sync`` (Algorithm 1): admit candidates in descending a, stop at the first one that
+  does not raise Theta. The early stop keeps admission causal: whether draft j is
+  verified never depends on draft j itself, so the output stays exactly the target's.
+- ``async`` (zero-overhead variant): the number of candidates K comes from the
+  confidences of two steps earlier (global search, no early stop), and this step admits
+  its top-K candidates. K cannot depend on the current tokens, so this is lossless too.
+
+A retrospective global search on the *current* confidences is not offered: it lets
+a_{r,j+1}, which depends on draft j, decide whether draft j is verified, which biases
+the output (DSpark paper, Appendix A; ``tests/core/test_scheduler.py`` shows the bias).
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Policy = Literal["none", "static", "threshold", "sync", "async"]
+
+
+@dataclass
+class SPSProfile:
+    """Target steps per second as a function of verify-batch tokens, by linear
+    interpolation between profiled points (held flat in steps/s per token beyond them)."""
+
+    batch_tokens: list[int]
+    steps_per_second: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.batch_tokens) != len(self.steps_per_second) or not self.batch_tokens:
+            raise ValueError("SPSProfile needs matching, non-empty batch_tokens and steps_per_second")
+        if any(b2 <= b1 for b1, b2 in zip(self.batch_tokens, self.batch_tokens[1:])):
+            raise ValueError("SPSProfile.batch_tokens must be strictly increasing")
+        if any(s <= 0 for s in self.steps_per_second):
+            raise ValueError("SPSProfile.steps_per_second must be positive")
+
+    def __call__(self, b: int) -> float:
+        xs, ys = self.batch_tokens, self.steps_per_second
+        if b <= xs[0]:
+            return ys[0]
+        if b >= xs[-1]:
+            return ys[-1] * xs[-1] / b  # beyond the table: time grows linearly with tokens
+        i = bisect.bisect_right(xs, b)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (b - x0) / (x1 - x0)
+
+    def to_dict(self) -> dict[str, list]:
+        return {"batch_tokens": self.batch_tokens, "steps_per_second": self.steps_per_second}
+
+
+def profile_sps(step: Callable[[int], object], batch_tokens: Sequence[int], repeats: int = 5, warmup: int = 1) -> SPSProfile:
+    """Measure SPS(B) = 1 / median seconds of ``step(B)`` (one verify forward of B tokens)."""
+    sps = []
+    for b in batch_tokens:
+        for _ in range(warmup):
+            step(b)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step(b)
+            times.append(time.perf_counter() - t0)
+        sps.append(1.0 / max(statistics.median(times), 1e-9))
+    return SPSProfile(list(batch_tokens), sps)
+
+
+def _candidates(survival: Sequence[torch.Tensor]) -> list[tuple[float, int, int]]:
+    """(a, j, r) for every draft with a > 0, sorted by a descending, then j, then r: a
+    request's own candidates come in prefix order even when survival values tie."""
+    out = [(float(a), j + 1, r) for r, s in enumerate(survival) for j, a in enumerate(s.tolist()) if a > 0]
+    out.sort(key=lambda c: (-c[0], c[1], c[2]))
+    return out
+
+
+def global_budget(survival: Sequence[torch.Tensor], sps: SPSProfile) -> int:
+    """argmax_K Theta when the K best candidates are admitted (no early stop)."""
+    R = len(survival)
+    tau, best, best_k = float(R), R * sps(R), 0
+    for k, (a, _, _) in enumerate(_candidates(survival), start=1):
+        tau += a
+        theta = tau * sps(R + k)
+        if theta > best:
+            best, best_k = theta, k
+    return best_k
+
+
+def _admit(survival: Sequence[torch.Tensor], k: int) -> list[int]:
+    lens = [0] * len(survival)
+    for _, j, r in _candidates(survival)[:k]:
+        lens[r] = max(lens[r], j)
+    return lens
+
+
+@dataclass
+class PrefixScheduler:
+    """Chooses per-request verify lengths each step. See the module docstring.
+
+    gamma: the static length; threshold: for ``threshold``; sps: the SPS profile
+    (``sync`` / ``async``); initial_budget: ``async`` budget before two steps of history.
+    """
+
+    policy: Policy = "sync"
+    sps: SPSProfile | None = None
+    gamma: int = 7
+    threshold: float = 0.5
+    initial_budget: int = 0
+    _budgets: deque = field(default_factory=deque, repr=False)
+    history: list[list[int]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("none", "static", "threshold", "sync", "async"):
+            raise ValueError(f"scheduler policy must be none, static, threshold, sync or async, got {self.policy!r}")
+        if self.policy in ("sync", "async") and self.sps is None:
+            raise ValueError(f"scheduler policy {self.policy!r} needs an SPS profile (sps=)")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    @property
+    def needs_confidence(self) -> bool:
+        return self.policy in ("threshold", "sync", "async")
+
+    def verify_lengths(self, survival: Sequence[torch.Tensor], request_ids: Sequence[int] | None = None) -> list[int]:
+        """survival: per request, [n_r] prefix-survival probabilities of its drafts
+        (non-increasing). Returns l_r in 0..n_r. ``request_ids`` is for schedulers that
+        keep per-request state (this one schedules the batch as a whole)."""
+        for r, s in enumerate(survival):
+            if s.numel() > 1 and bool((s[1:] > s[:-1] + 1e-6).any()):
+                raise ValueError(f"survival of request {r} must be non-increasing (a cumulative product)")
+        n = [int(s.numel()) for s in survival]
+        if self.policy == "none":
+            lens = [0] * len(n)
+        elif self.policy == "static":
+            lens = [min(self.gamma, k) for k in n]
+        elif self.policy == "threshold":
+            lens = [int((s >= self.threshold).sum()) for s in survival]
+        elif self.policy == "sync":
+            lens = self._sync(survival)
+        else:
+            lens = self._async(survival)
+        self.history.append(lens)
+        return lens
+
+    def _sync(self, survival: Sequence[torch.Tensor]) -> list[int]:
+        R, sps = len(survival), self.sps
+        lens = [0] * R
+        b, tau = R, float(R)
+        best = tau * sps(b)
+        for a, j, r in _candidates(survival):
+            theta = (tau + a) * sps(b + 1)
+            if theta <= best:
+                break  # early stop: later candidates never decide earlier ones
+            b, tau, best = b + 1, tau + a, theta
+            lens[r] = j
+        return lens
+
+    def _async(self, survival: Sequence[torch.Tensor]) -> list[int]:
+        # the budget used now was computed two steps ago; this step's goes to step t+2
+        k = self._budgets.popleft() if len(self._budgets) >= 2 else self.initial_budget
+        self._budgets.append(global_budget(survival, self.sps))
+        return _admit(survival, k)
+
+    def reset(self) -> None:
+        self._budgets.clear()
+        self.history.clear()

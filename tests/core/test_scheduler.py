@@ -1,0 +1,170 @@
+"""The prefix scheduler: policies, Algorithm 1, the async budget, and losslessness of
+scheduled verification through the real engine (with a leaking variant that must fail)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from dspark.drafters.base import DraftState, Proposal
+from dspark.engine import SpeculativeEngine
+from dspark.scheduler import PrefixScheduler, SPSProfile, _admit, global_budget, profile_sps
+from dspark.sampling import SamplingParams
+from tests.core.test_losslessness import PARAMS, PROMPT, V, chi2_pvalue, exact_distribution, target  # noqa: F401
+from tests.drafters_for_tests import _Base
+
+FLAT = SPSProfile([1, 64], [10.0, 10.0])  # verification is free: admit everything
+
+
+def surv(*rows):
+    return [torch.tensor(r, dtype=torch.float32) for r in rows]
+
+
+def test_sps_profile_interpolates_and_validates():
+    p = SPSProfile([1, 4, 8], [10.0, 7.0, 5.0])
+    assert p(1) == 10.0 and p(4) == 7.0 and p(6) == 6.0 and p(16) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="increasing"):
+        SPSProfile([4, 1], [1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        SPSProfile([1], [0.0])
+    calls = []
+    prof = profile_sps(lambda b: calls.append(b), [1, 2], repeats=2, warmup=1)
+    assert prof.batch_tokens == [1, 2] and calls == [1, 1, 1, 2, 2, 2] and all(s > 0 for s in prof.steps_per_second)
+
+
+def test_simple_policies():
+    s = surv([0.9, 0.6, 0.2], [0.4], [])
+    assert PrefixScheduler("none").verify_lengths(s) == [0, 0, 0]
+    assert PrefixScheduler("static", gamma=2).verify_lengths(s) == [2, 1, 0]
+    assert PrefixScheduler("threshold", threshold=0.5).verify_lengths(s) == [2, 0, 0]
+    with pytest.raises(ValueError, match="needs an SPS profile"):
+        PrefixScheduler("sync")
+    with pytest.raises(ValueError, match="policy must be"):
+        PrefixScheduler("greedy")
+    with pytest.raises(ValueError, match="non-increasing"):
+        PrefixScheduler("none").verify_lengths(surv([0.2, 0.9]))
+
+
+def test_algorithm1_sync():
+    s = surv([0.9, 0.8, 0.1], [0.7, 0.05])
+    assert PrefixScheduler("sync", sps=FLAT).verify_lengths(s) == [3, 2]  # free verification
+    steep = SPSProfile([2, 3], [10.0, 1.0])  # one extra token costs 10x: verify nothing
+    assert PrefixScheduler("sync", sps=steep).verify_lengths(s) == [0, 0]
+    # B = 2 + admitted; SPS falls 10 % per token: admit while a > tau*/(0.9 * ...) pays off
+    sps = SPSProfile([2, 3, 4, 5, 6, 7], [10.0, 9.0, 8.1, 7.29, 6.561, 5.9049])
+    lens = PrefixScheduler("sync", sps=sps).verify_lengths(s)
+    # candidates 0.9 (Theta 2.9*9=26.1 > 20), 0.8 (3.7*8.1=29.97), 0.7 (4.4*7.29=32.1),
+    # then 0.1: 4.5*6.561=29.5 < 32.1 -> stop
+    assert lens == [2, 1]
+
+
+def test_async_budget_comes_from_two_steps_earlier():
+    sch = PrefixScheduler("async", sps=FLAT, initial_budget=1)
+    a, b, c = surv([0.9, 0.8]), surv([0.5, 0.4]), surv([0.7, 0.6])
+    assert sch.verify_lengths(a) == [1]  # no history: initial budget
+    assert sch.verify_lengths(b) == [1]
+    assert sch.verify_lengths(c) == [2]  # budget computed from step 1 (flat SPS: both drafts)
+    assert global_budget(surv([0.9, 0.1], [0.5]), SPSProfile([2, 3, 4], [10.0, 8.0, 5.0])) == 1
+    assert _admit(surv([0.9, 0.1], [0.5]), 2) == [1, 1]
+
+
+def test_engine_applies_scheduler_and_requires_confidences(target):
+    from tests.drafters_for_tests import RandomDrafter
+
+    eng = SpeculativeEngine(target, RandomDrafter(V, k=2, ragged=False), 2, "recompute", scheduler=PrefixScheduler("none"))
+    from dspark.generate import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=4, sampling=SamplingParams(), stop_token_ids=[])
+    res = eng.generate([PROMPT], cfg)[0]
+    assert set(res.stats.draft_lens) == {0}  # policy none: nothing verified
+    eng.scheduler = PrefixScheduler("threshold")
+    with pytest.raises(ValueError, match="needs drafter confidences"):
+        eng.generate([PROMPT], cfg)
+
+
+# ---- losslessness of scheduled verification --------------------------------------------
+
+FAV = 0  # the drafter's favourite token
+
+
+class ConfidentDrafter(_Base):
+    """Peaked draft distribution; confidences that depend on the committed anchor
+    (c_1) and on the drafted x_1 (c_2), as a real confidence head's do."""
+
+    def __init__(self, **kw):
+        super().__init__(V, k=2, ragged=False, **kw)
+
+    def propose(self, state: DraftState) -> Proposal:
+        b, k = len(state.seqs), min(2, state.max_draft)
+        q = torch.full((b, k, V), 0.1 / (V - 1))
+        q[..., FAV] = 0.9
+        tok = torch.multinomial(q.reshape(-1, V), 1, generator=self.gen).reshape(b, k)
+        anchor = torch.tensor([s[-1] for s in state.seqs])
+        c1 = torch.where(anchor % 2 == 0, 0.9, 0.5)
+        conf = c1[:, None].repeat(1, k)
+        if k > 1:
+            conf[:, 1] = torch.where(tok[:, 0] == FAV, 0.99, 0.01)
+        return Proposal(tok, torch.full((b,), k), q, conf)
+
+
+class PerRequest:
+    """Schedules every request on its own (R = 1), one scheduler state per request."""
+
+    def __init__(self, make):
+        self.make, self.state, self.needs_confidence, self.policy = make, {}, True, "per-request"
+
+    def verify_lengths(self, survival: Sequence[torch.Tensor], request_ids=None) -> list[int]:
+        out = []
+        for rid, s in zip(request_ids, survival):
+            sch = self.state.setdefault(rid, self.make())
+            out.append(sch.verify_lengths([s])[0])
+        return out
+
+
+class RetrospectiveGlobal:
+    """The leaking rule: choose K by global search on the current confidences."""
+
+    def __init__(self, sps):
+        self.sps = sps
+
+    def verify_lengths(self, survival):
+        return _admit(survival, global_budget(survival, self.sps))
+
+
+# R = 1: one extra token costs 40 % of the step rate, a second one is free
+JAGGED = SPSProfile([1, 2, 3], [1.0, 0.6, 0.6])
+
+
+def scheduled_counts(target, scheduler):
+    from tests.core.test_losslessness import N_SAMPLES, N_TOK
+    from dspark.generate import GenerationConfig
+
+    engine = SpeculativeEngine(target, ConfidentDrafter(seed=5), num_draft=2, cache_mode="recompute", scheduler=scheduler)
+    # one token more than observed, so round 1 may draft two tokens (and c_2 exists)
+    cfg = GenerationConfig(max_new_tokens=N_TOK + 1, sampling=PARAMS["T1"], stop_token_ids=[], seed=11)
+    counts = torch.zeros(V, V, V, dtype=torch.float64)
+    verified = 0
+    for r in engine.generate([PROMPT] * N_SAMPLES, cfg):
+        counts[tuple(r.tokens[:N_TOK])] += 1
+        verified += sum(r.stats.draft_lens)
+    return counts, verified
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: PrefixScheduler("sync", sps=JAGGED), lambda: PrefixScheduler("async", sps=JAGGED, initial_budget=2)],
+    ids=["sync", "async"],
+)
+def test_scheduled_verification_is_lossless(target, make):
+    counts, verified = scheduled_counts(target, PerRequest(make))
+    assert verified > 1000  # the scheduler did admit drafts
+    assert chi2_pvalue(counts, exact_distribution(target, PARAMS["T1"])) > 1e-3
+
+
+def test_retrospective_global_search_leaks(target):
+    """Global search on current confidences verifies x_1 mostly when x_1 is the drafter's
+    favourite (because c_2 depends on x_1): the output is biased, and the test sees it."""
+    counts, _ = scheduled_counts(target, PerRequest(lambda: RetrospectiveGlobal(JAGGED)))
+    assert chi2_pvalue(counts, exact_distribution(target, PARAMS["T1"])) < 1e-6
