@@ -93,3 +93,71 @@ def test_bad_input_is_rejected(target):
         ar_generate(target, [], cfg)
     with pytest.raises(ValueError, match="cache_mode"):
         SpeculativeEngine(target, None, cache_mode="paged")
+
+
+# ---- continuous batching ------------------------------------------------------------
+
+
+def run_until_done(engine, rids):
+    while any(engine._requests[r].finish_reason is None for r in rids) or engine._new:
+        engine.step()
+    return [engine.pop_result(r).tokens for r in rids]
+
+
+def test_requests_join_and_leave_between_steps(target):
+    cfg = GenerationConfig(max_new_tokens=20, sampling=GREEDY, stop_token_ids=[])
+    short = GenerationConfig(max_new_tokens=6, sampling=GREEDY, stop_token_ids=[])
+    want = [ar_generate(target, p, c).tokens for p, c in zip(PROMPTS, (cfg, short, cfg))]
+    eng = SpeculativeEngine(target, NgramDrafter(num_tokens=4), num_draft=4)
+    a = eng.add_request(PROMPTS[0], cfg)
+    eng.step()
+    eng.step()
+    b = eng.add_request(PROMPTS[1], short)  # joins mid-flight, leaves early
+    eng.step()
+    c = eng.add_request(PROMPTS[2], cfg)
+    assert run_until_done(eng, [a, b, c]) == want
+    assert not eng.has_unfinished()
+    with pytest.raises(KeyError):
+        eng.pop_result(a)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "dspark"])
+def test_seeded_request_does_not_depend_on_its_batch(target, kind):
+    """Every request draws from its own generator: the same seed gives the same sampled
+    output alone or in a batch whose members come and go."""
+    from dspark.drafters import build_drafter
+
+    def drafter():
+        if kind == "ngram":
+            return NgramDrafter(num_tokens=4)
+        torch.manual_seed(0)
+        d = build_drafter("dspark", target, gamma=4, rank=8, num_layers=1, mask_token_id=3, feature_layers=[0, 1])
+        with torch.no_grad():
+            for p in d.parameters():
+                p.normal_(0, 0.3)
+        return d
+
+    cfg = GenerationConfig(max_new_tokens=24, sampling=SamplingParams(temperature=1.0), stop_token_ids=[])
+    alone = SpeculativeEngine(target, drafter(), 4)
+    want = run_until_done(alone, [alone.add_request(PROMPTS[0], cfg, seed=5)])[0]
+    eng = SpeculativeEngine(target, drafter(), 4)
+    other = eng.add_request(PROMPTS[1], GenerationConfig(max_new_tokens=5, sampling=cfg.sampling, stop_token_ids=[]), seed=9)
+    eng.step()
+    mine = eng.add_request(PROMPTS[0], cfg, seed=5)
+    eng.step()
+    late = eng.add_request(PROMPTS[2], cfg, seed=1)
+    got = run_until_done(eng, [mine, other, late])
+    assert got[0] == want
+
+
+def test_mixed_sampling_params_in_one_batch(target):
+    greedy = GenerationConfig(max_new_tokens=20, sampling=GREEDY, stop_token_ids=[])
+    hot = GenerationConfig(max_new_tokens=20, sampling=SamplingParams(temperature=1.0, top_p=0.9), stop_token_ids=[])
+    eng = SpeculativeEngine(target, NgramDrafter(num_tokens=4), 4)
+    a, b = eng.add_request(PROMPTS[0], greedy), eng.add_request(PROMPTS[0], hot, seed=2)
+    out = run_until_done(eng, [a, b])
+    assert out[0] == ar_generate(target, PROMPTS[0], greedy).tokens and len(out[1]) == 20
+    with pytest.raises(ValueError, match="still running"):
+        r = eng.add_request(PROMPTS[1], greedy)
+        eng.step()
+        eng.pop_result(r)

@@ -14,7 +14,8 @@ Two ways to run the target, with identical results:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -23,7 +24,7 @@ from dspark.drafters.base import Drafter, DraftState, Proposal
 from dspark.generate import GenerationConfig, GenerationResult, check_prompt
 from dspark.metrics import SpecStats
 from dspark.scheduler import PrefixScheduler
-from dspark.sampling import sample_from_logits
+from dspark.sampling import SamplingParams, sample_from_logits
 from dspark.target import Target
 from dspark.verify import verify
 
@@ -50,7 +51,7 @@ class _KVRunner:
         out = self.target.forward(torch.tensor([ids], device=self.target.device), self.caches[r], logits="all", taps=self.layers)
         return out.logits[0], (_concat_taps(out.taps, self.layers)[0] if self.layers else None)
 
-    def prefill(self, rows: Sequence[int], seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Feats]:
+    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
         logits, feats = [], []
         for r in rows:
             self.caches[r] = self.target.new_cache()
@@ -60,7 +61,7 @@ class _KVRunner:
             self.target.rollback(self.caches[r], 0)
         return torch.stack(logits), (feats if self.layers else None)
 
-    def score(self, rows: Sequence[int], seqs: Sequence[Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
+    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
         out = torch.empty((len(rows), k + 1, self.target.vocab_size), device=self.target.device)
         feats = []
         for i, (r, d) in enumerate(zip(rows, drafts)):
@@ -92,14 +93,14 @@ class _RecomputeRunner:
         out = self.target.forward(ids.to(self.target.device), None, logits="all", taps=self.layers)
         return out.logits, (_concat_taps(out.taps, self.layers) if self.layers else None)
 
-    def prefill(self, rows: Sequence[int], seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Feats]:
+    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
         toks = [list(seqs[r]) for r in rows]
         logits, f = self._run(toks)
         last = torch.tensor([len(t) - 1 for t in toks], device=logits.device)
         feats = [f[i, : len(t)] for i, t in enumerate(toks)] if f is not None else None
         return logits[torch.arange(len(toks)), last], feats
 
-    def score(self, rows: Sequence[int], seqs: Sequence[Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
+    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
         toks = [list(seqs[r]) + d for r, d in zip(rows, drafts)]
         logits, f = self._run(toks)
         # slot j of row i is the position of the anchor + j (clamped into the real tokens)
@@ -117,6 +118,23 @@ class _RecomputeRunner:
 
     def release(self, row: int) -> None:
         pass
+
+
+@dataclass
+class _Request:
+    rid: int
+    seq: list[int]  # prompt + generated; the last token is the anchor
+    cfg: GenerationConfig
+    stops: set[int]
+    gen: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    stats: SpecStats = field(default_factory=SpecStats)
+    finish_reason: Literal["stop", "length"] | None = None
+    pending: torch.Tensor | None = None  # target features the drafter has not seen yet
+
+    def take_pending(self) -> torch.Tensor | None:
+        p, self.pending = self.pending, None
+        return p
 
 
 class SpeculativeEngine:
@@ -141,6 +159,10 @@ class SpeculativeEngine:
             raise ValueError(f"cache_mode must be kv or recompute, got {cache_mode!r}")
         self.target, self.drafter, self.num_draft, self.cache_mode = target, drafter, num_draft, cache_mode
         self.scheduler = scheduler
+        self._requests: dict[int, _Request] = {}
+        self._new: list[int] = []
+        self._next_id = 0
+        self._run = None
 
     def _propose(self, state: DraftState) -> Proposal:
         if self.drafter is None or state.max_draft == 0:
@@ -161,87 +183,128 @@ class SpeculativeEngine:
         chosen = torch.tensor(self.scheduler.verify_lengths(survival, active), dtype=torch.long)
         return torch.minimum(lens, chosen)
 
+    # ------------------------------------------------------------------ continuous batching
+    def _runner(self):
+        if self._run is None:
+            layers = getattr(self.drafter, "feature_layers", None)
+            self._run = (_KVRunner if self.cache_mode == "kv" else _RecomputeRunner)(self.target, layers)
+        return self._run
+
+    def add_request(self, prompt_ids: Sequence[int], cfg: GenerationConfig, seed: int | None = None) -> int:
+        """Queue a request; it is prefilled at the next :meth:`step`. ``seed`` overrides
+        ``cfg.seed``: every request draws from its own generator, so its samples do not
+        depend on which other requests share the batch. Returns the request id."""
+        check_prompt(prompt_ids, self.target.vocab_size)
+        rid = self._next_id
+        self._next_id += 1
+        s = cfg.seed if seed is None else seed
+        gen = None if s is None else torch.Generator(device=self.target.device).manual_seed(s)
+        self._requests[rid] = _Request(rid, list(prompt_ids), cfg, set(cfg.stops(self.target)), gen)
+        self._new.append(rid)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return bool(self._new) or any(r.finish_reason is None for r in self._requests.values())
+
+    def pop_result(self, rid: int) -> GenerationResult:
+        """The result of a finished request (and forget it)."""
+        r = self._requests[rid]
+        if r.finish_reason is None:
+            raise ValueError(f"request {rid} is still running")
+        del self._requests[rid]
+        r.stats.new_tokens = len(r.out)
+        return GenerationResult(r.out, r.finish_reason, r.stats)
+
+    def _emit(self, r: _Request, tokens: list[int], stopped: bool) -> None:
+        r.seq.extend(tokens)
+        r.out.extend(tokens)
+        if stopped or (tokens and tokens[-1] in r.stops):
+            r.finish_reason = "stop"
+        elif len(r.out) >= r.cfg.max_new_tokens:
+            r.finish_reason = "length"
+        if r.finish_reason is not None:
+            self._runner().release(r.rid)
+            if self.drafter is not None:
+                self.drafter.release([r.rid])
+
     @torch.inference_mode()
+    def step(self) -> dict[int, list[int]]:
+        """One engine step: prefill newly added requests (their first token), then one
+        draft -> verify -> commit round for every running request, grouped by sampling
+        params. Returns the tokens each request gained in this step."""
+        runner, gained = self._runner(), {}
+        if self._new:
+            t0 = time.perf_counter()
+            new, self._new = self._new, []
+            reqs = [self._requests[i] for i in new]
+            seqs = {r.rid: r.seq for r in reqs}
+            last_logits, feats = runner.prefill(new, seqs)
+            for i, r in enumerate(reqs):
+                first = int(sample_from_logits(last_logits[i : i + 1], r.cfg.sampling, [r.gen] if r.gen else None)[0])
+                if feats is not None:
+                    r.pending = feats[i]  # the drafter has not seen the prompt yet
+                self._emit(r, [first], False)
+                r.stats.seconds += (time.perf_counter() - t0) / len(reqs)
+                gained[r.rid] = [first]
+        running = [r for r in self._requests.values() if r.finish_reason is None and r.rid not in gained]
+        groups: dict[SamplingParams, list[_Request]] = {}
+        for r in running:
+            groups.setdefault(r.cfg.sampling, []).append(r)
+        for params, reqs in groups.items():
+            for rid, toks in self._round(reqs, params).items():
+                gained.setdefault(rid, []).extend(toks)
+        return gained
+
+    def _round(self, reqs: list[_Request], params: SamplingParams) -> dict[int, list[int]]:
+        runner = self._runner()
+        t0 = time.perf_counter()
+        ids = [r.rid for r in reqs]
+        seqs = {r.rid: r.seq for r in reqs}
+        # never draft past the token budget: a round emits at most drafts + 1 tokens
+        room = torch.tensor([r.cfg.max_new_tokens - len(r.out) - 1 for r in reqs])
+        gens = [r.gen for r in reqs] if all(r.gen is not None for r in reqs) else None
+        needs_feats = getattr(self.drafter, "feature_layers", None)
+        state = DraftState(
+            [r.seq for r in reqs],
+            ids,
+            min(self.num_draft, int(room.max())),
+            params,
+            gens,
+            [r.take_pending() for r in reqs] if needs_feats else None,
+        )
+        prop = self._propose(state)
+        lens = torch.minimum(prop.lens.cpu(), room)
+        if self.scheduler is not None and bool((lens > 0).any()):
+            lens = self._schedule(prop, lens, ids)
+        k = prop.tokens.shape[1]
+        drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(reqs))]
+        logits, feats = runner.score(ids, seqs, drafts, k)
+        res = verify(logits, prop.tokens, lens, prop.probs, params, gens)  # stops: per request, below
+        out: dict[int, list[int]] = {}
+        share = (time.perf_counter() - t0) / len(reqs)
+        for i, r in enumerate(reqs):
+            n_acc = int(res.num_accepted[i])
+            conf = None if prop.confidence is None else prop.confidence[i].tolist()
+            r.stats.record(int(lens[i]), n_acc, conf)
+            r.stats.seconds += share
+            runner.commit(r.rid, int(lens[i]), n_acc)
+            if feats is not None:
+                r.pending = feats[i][: n_acc + 1]  # the anchor and the accepted drafts
+            new = res.emitted(i)
+            cut = next((j + 1 for j, t in enumerate(new) if t in r.stops), None)  # first stop token ends it
+            new = new if cut is None else new[:cut]
+            out[r.rid] = new
+            self._emit(r, new, cut is not None)
+        return out
+
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[GenerationResult]:
-        """Generate for every prompt (token ids); results are in prompt order."""
+        """Generate for every prompt (token ids); results are in prompt order. Request i
+        is seeded with ``cfg.seed + i``."""
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         for p in prompts:
             check_prompt(p, self.target.vocab_size)
-        gen, stops, params = cfg.generator(), cfg.stops(self.target), cfg.sampling
-        stop_set = set(stops)
-        layers = getattr(self.drafter, "feature_layers", None)
-        runner = (_KVRunner if self.cache_mode == "kv" else _RecomputeRunner)(self.target, layers)
-        B = len(prompts)
-        seqs = [list(p) for p in prompts]
-        outs: list[list[int]] = [[] for _ in range(B)]
-        stats = [SpecStats() for _ in range(B)]
-        reasons: list[Literal["stop", "length"]] = ["length"] * B
-
-        t0 = time.perf_counter()
-        last_logits, feats = runner.prefill(range(B), seqs)
-        # features of committed tokens the drafter has not seen yet (the prompt, at first)
-        pending: dict[int, torch.Tensor] = dict(enumerate(feats)) if feats is not None else {}
-        first = sample_from_logits(last_logits, params, gen).tolist()
-        active: list[int] = []
-        for r, t in enumerate(first):
-            seqs[r].append(t)
-            outs[r].append(t)
-            if t in stop_set:
-                reasons[r] = "stop"
-            elif len(outs[r]) < cfg.max_new_tokens:
-                active.append(r)
-        elapsed = time.perf_counter() - t0
-        for r in range(B):
-            stats[r].seconds += elapsed / B
-
-        while active:
-            t_round = time.perf_counter()
-            # never draft past the token budget: a round emits at most drafts + 1 tokens
-            room = torch.tensor([cfg.max_new_tokens - len(outs[r]) - 1 for r in active])
-            state = DraftState(
-                [seqs[r] for r in active],
-                active,
-                min(self.num_draft, int(room.max())),
-                params,
-                gen,
-                [pending.pop(r) for r in active] if layers else None,
-            )
-            prop = self._propose(state)
-            lens = torch.minimum(prop.lens.cpu(), room)
-            if self.scheduler is not None and bool((lens > 0).any()):
-                lens = self._schedule(prop, lens, active)
-            k = prop.tokens.shape[1]
-            drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(active))]
-            logits, feats = runner.score(active, seqs, drafts, k)
-            res = verify(logits, prop.tokens, lens, prop.probs, params, gen, stops)
-            still: list[int] = []
-            for i, r in enumerate(active):
-                n_acc = int(res.num_accepted[i])
-                conf = None if prop.confidence is None else prop.confidence[i].tolist()
-                stats[r].record(int(lens[i]), n_acc, conf)
-                runner.commit(r, int(lens[i]), n_acc)
-                if feats is not None:
-                    pending[r] = feats[i][: n_acc + 1]  # the anchor and the accepted drafts
-                new = res.emitted(i)
-                seqs[r].extend(new)
-                outs[r].extend(new)
-                if bool(res.stopped[i]):
-                    reasons[r] = "stop"
-                elif len(outs[r]) < cfg.max_new_tokens:
-                    still.append(r)
-            finished = [r for r in active if r not in set(still)]
-            for r in finished:
-                runner.release(r)
-            if self.drafter is not None and finished:
-                self.drafter.release(finished)
-            share = (time.perf_counter() - t_round) / len(active)
-            for r in active:
-                stats[r].seconds += share
-            active = still
-
-        results = []
-        for r in range(B):
-            stats[r].new_tokens = len(outs[r])
-            results.append(GenerationResult(outs[r], reasons[r], stats[r]))
-        return results
+        ids = [self.add_request(p, cfg, None if cfg.seed is None else cfg.seed + i) for i, p in enumerate(prompts)]
+        while any(self._requests[i].finish_reason is None for i in ids):
+            self.step()
+        return [self.pop_result(i) for i in ids]

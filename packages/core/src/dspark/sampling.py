@@ -86,6 +86,20 @@ def uniform(shape: tuple[int, int], gens: Generators, device: torch.device | str
     return torch.stack([torch.rand(shape[1], generator=g, device=device) for g in _rows(gens, shape[0])])
 
 
+def uniform_ragged(lens: torch.Tensor, width: int, gens: Generators, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, width] U[0,1) draws where row b needs only lens[b] of them. With one generator
+    per row, row b consumes exactly lens[b] draws, so its randomness does not depend on
+    the other rows of the batch; padding is 1.0 (never read)."""
+    if gens is None or isinstance(gens, torch.Generator):
+        return uniform((len(lens), width), gens, device)
+    out = torch.ones((len(lens), width), device=device)
+    for b, g in enumerate(_rows(gens, len(lens))):
+        n = int(lens[b])
+        if n:
+            out[b, :n] = torch.rand(n, generator=g, device=device)
+    return out
+
+
 def exponential(shape: tuple[int, int], gens: Generators, device: torch.device | str = "cpu") -> torch.Tensor:
     """[B, n] Exp(1) draws; one generator for the batch, or one per row."""
     if gens is None or isinstance(gens, torch.Generator):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark import kernels
-from dspark.sampling import Generators, SamplingParams, exponential, probs_from_logits, uniform
+from dspark.sampling import Generators, SamplingParams, exponential, probs_from_logits, uniform_ragged
 
 
 @dataclass
@@ -76,7 +76,7 @@ def verify(
         tokens, n_acc = kernels.rejection_greedy(target_logits.argmax(-1), draft_tokens, draft_lens)
     else:
         p = probs_from_logits(target_logits, params)  # [B, K+1, V] fp32
-        u = uniform((B, K), generator, device)
+        u = uniform_ragged(draft_lens, K, generator, device)
         noise = exponential((B, p.shape[-1]), generator, device)
         q = None if draft_probs is None else draft_probs.float().to(device)
         tokens, n_acc = kernels.rejection_sample(p, draft_tokens, draft_lens, q, u, noise)
