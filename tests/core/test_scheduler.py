@@ -10,7 +10,7 @@ import torch
 
 from dspark.drafters.base import DraftState, Proposal
 from dspark.engine import SpeculativeEngine
-from dspark.scheduler import PrefixScheduler, SPSProfile, _admit, global_budget, profile_sps
+from dspark.scheduler import PrefixScheduler, SPSProfile, _admit, cached_sps, global_budget, profile_sps
 from dspark.sampling import SamplingParams
 from tests.core.test_losslessness import PARAMS, PROMPT, V, chi2_pvalue, exact_distribution, target  # noqa: F401
 from tests.drafters_for_tests import _Base
@@ -168,3 +168,62 @@ def test_retrospective_global_search_leaks(target):
     favourite (because c_2 depends on x_1): the output is biased, and the test sees it."""
     counts, _ = scheduled_counts(target, PerRequest(lambda: RetrospectiveGlobal(JAGGED)))
     assert chi2_pvalue(counts, exact_distribution(target, PARAMS["T1"])) < 1e-6
+
+
+# ---- Algorithm 1 against brute force; async by construction; SPS cache -------------------
+
+
+def theta(survival, lens, sps):
+    R = len(survival)
+    tau = R + sum(float(s[:n].sum()) for s, n in zip(survival, lens))
+    return tau * sps(R + sum(lens))
+
+
+def test_sync_matches_brute_force_when_objective_is_unimodal():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    # SPS(B) = c / (B + b0): Theta(m) = (R + top-m sum) / (R + m + b0) is unimodal in m
+    sps = SPSProfile(list(range(1, 40)), [100.0 / (b + 4) for b in range(1, 40)])
+    for _ in range(30):
+        survival = [torch.cumprod(torch.rand(int(torch.randint(0, 4, (1,), generator=g)), generator=g), 0) for _ in range(3)]
+        lens = PrefixScheduler("sync", sps=sps).verify_lengths(survival)
+        best = max(theta(survival, c, sps) for c in itertools.product(*[range(len(s) + 1) for s in survival]))
+        assert theta(survival, lens, sps) == pytest.approx(best, rel=1e-6)
+
+
+def test_sync_stops_at_first_non_improving_candidate():
+    # jagged: the 2nd extra token is free again, but the 1st does not pay off -> stop at once
+    sps = SPSProfile([1, 2, 3], [1.0, 0.6, 0.6])
+    s = surv([0.5, 0.45])
+    assert PrefixScheduler("sync", sps=sps).verify_lengths(s) == [0]
+    assert global_budget(s, sps) == 2  # what a (leaking) global search would have taken
+
+
+def test_async_admission_ignores_later_drafts_of_the_same_request():
+    """Whether draft j of a request is admitted with budget K depends on a_{r,<=j} and on
+    the other requests, never on a_{r,j+1..} (which depend on draft j itself)."""
+    base = surv([0.9, 0.8, 0.7], [0.85, 0.3])
+    for k in range(6):
+        ref = _admit(base, k)
+        for tail in (0.0, 0.05, 0.69):
+            changed = surv([0.9, 0.8, tail], [0.85, 0.3])
+            got = _admit(changed, k)
+            assert min(got[0], 2) == min(ref[0], 2)  # drafts 1-2 of request 0: same decision
+
+
+def test_sps_cache_round_trip_and_monotone(tmp_path):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return SPSProfile([1, 2, 4], [10.0, 11.0, 6.0])  # noisy: 2 tokens "faster" than 1
+
+    key = {"model": "m", "dtype": "bf16", "machine": "test"}
+    a = cached_sps(key, measure, tmp_path)
+    b = cached_sps(key, measure, tmp_path)
+    assert a.steps_per_second == [10.0, 10.0, 6.0] and b.steps_per_second == a.steps_per_second and len(calls) == 1
+    cached_sps(key, measure, tmp_path, refresh=True)
+    assert len(calls) == 2
+    cached_sps({**key, "dtype": "fp32"}, measure, tmp_path)
+    assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 2

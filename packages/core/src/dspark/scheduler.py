@@ -25,11 +25,15 @@ the output (DSpark paper, Appendix A; ``tests/core/test_scheduler.py`` shows the
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import platform
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -65,6 +69,45 @@ class SPSProfile:
 
     def to_dict(self) -> dict[str, list]:
         return {"batch_tokens": self.batch_tokens, "steps_per_second": self.steps_per_second}
+
+    def monotone(self) -> SPSProfile:
+        """A copy whose steps/s never rise with more tokens (running minimum): timing noise
+        must not make a bigger verify batch look faster."""
+        out, low = [], float("inf")
+        for s in self.steps_per_second:
+            low = min(low, s)
+            out.append(low)
+        return SPSProfile(list(self.batch_tokens), out)
+
+
+def machine_key() -> str:
+    """What an SPS profile depends on besides the model: CPU / GPU, thread count, torch."""
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return f"{dev}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def cached_sps(
+    key: dict[str, str],
+    measure: Callable[[], SPSProfile],
+    cache_dir: Path | None = None,
+    refresh: bool = False,
+) -> SPSProfile:
+    """Load the SPS profile stored for ``key`` (e.g. model, dtype, machine_key()), or
+    measure it, force it monotone and store it atomically. ``refresh`` re-profiles."""
+    from dspark.cache_dir import atomic_write_text, cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = (cache_dir or cache_root() / "sps") / f"{digest}.json"
+    if path.exists() and not refresh:
+        try:
+            d = json.loads(path.read_text())
+            if d.get("key") == key:
+                return SPSProfile(d["batch_tokens"], d["steps_per_second"])
+        except (json.JSONDecodeError, KeyError, ValueError):
+            pass  # unreadable or stale: measure again
+    prof = measure().monotone()
+    atomic_write_text(path, json.dumps({"key": key, **prof.to_dict()}, indent=1))
+    return prof
 
 
 def profile_sps(step: Callable[[int], object], batch_tokens: Sequence[int], repeats: int = 5, warmup: int = 1) -> SPSProfile:
