@@ -79,7 +79,9 @@ class Eagle3Drafter(LinkedDrafter):
         return self.draft_logits(self.norm(hidden))
 
     # ------------------------------------------------------------------ training view
-    def forward_ttt(self, feats: torch.Tensor, input_ids: torch.Tensor, steps: int = 7) -> list[torch.Tensor]:
+    def forward_ttt(
+        self, feats: torch.Tensor, input_ids: torch.Tensor, steps: int = 7, return_hidden: bool = False
+    ) -> list[torch.Tensor]:
         """Training-time test unroll.
 
         feats [B, T, m*d] target features, input_ids [B, T]. Returns ``steps`` tensors of
@@ -105,7 +107,7 @@ class Eagle3Drafter(LinkedDrafter):
             hidden, new = self.step(tok, feat, pos, past, mask)
             keys_k.append(new.k)
             keys_v.append(new.v)
-            out.append(self.logits(hidden))
+            out.append(hidden if return_hidden else self.logits(hidden))
             # next step's feature at position j is this step's output at position j-1
             feat = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
         return out

@@ -1,0 +1,149 @@
+"""Lightning distillation of a drafter against the frozen target.
+
+The module receives a built drafter and the target; it does not build either. Target
+features come from the batch (offline cache) or are computed in the step (online mode).
+Objectives (dspark.losses, on the fused kernel terms):
+- dspark: 0.1 CE + 0.9 TV + 1.0 confidence BCE over anchored blocks, weights exp(-(k-1)/4);
+- dflash: CE only over the same blocks;
+- eagle3: training-time test over ``ttt_steps`` steps, step s weighted 0.8^(s-1), soft
+  cross-entropy against the target distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from dspark.losses import dspark_loss, live_tau, with_outside_mass
+from train.anchors import sample_anchors
+
+
+def _target_logits_at(target: Any, final_hidden: torch.Tensor, vocab: Any, draft_logits: torch.Tensor, chunk: int = 256):
+    """Rows of target final hidden [N, d] -> (draft [N, K+1], target [N, K+1]) logits with
+    the target's outside-vocabulary mass as the last column (chunked over rows)."""
+    ds, ts = [], []
+    for s in range(0, final_hidden.shape[0], chunk):
+        full = target.lm_head(final_hidden[s : s + chunk])
+        d, t = with_outside_mass(draft_logits[s : s + chunk], full, vocab.ids.to(full.device))
+        ds.append(d)
+        ts.append(t)
+    return torch.cat(ds), torch.cat(ts)
+
+
+class DistillModule(L.LightningModule):
+    def __init__(
+        self,
+        drafter: torch.nn.Module,
+        target: Any,
+        kind: str,
+        lr: float = 6e-4,
+        warmup_frac: float = 0.04,
+        total_steps: int = 1000,
+        anchors_per_seq: int = 16,
+        loss_weights: tuple[float, float, float] = (0.1, 0.9, 1.0),
+        ttt_steps: int = 7,
+        ttt_decay: float = 0.8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if kind not in ("dspark", "dflash", "eagle3"):
+            raise ValueError(f"cannot train a {kind!r} drafter")
+        self.drafter = drafter
+        object.__setattr__(self, "target", target)  # frozen and not part of the checkpoint
+        self.kind, self.lr, self.warmup_frac, self.total_steps = kind, lr, warmup_frac, max(1, total_steps)
+        self.anchors_per_seq, self.loss_weights = anchors_per_seq, loss_weights
+        self.ttt_steps, self.ttt_decay = ttt_steps, ttt_decay
+        self.gen = torch.Generator().manual_seed(seed)
+
+    # ------------------------------------------------------------------ features
+    def features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feats [B, T, m*d], final hidden [B, T, d]) from the batch (cache) or the target."""
+        if "feats" in batch:
+            return batch["feats"], batch["final"]
+        with torch.no_grad():
+            out = self.target.forward(batch["input_ids"], taps=self.drafter.feature_layers, final_hidden=True, logits="none")
+        feats = torch.cat([out.taps[i] for i in self.drafter.feature_layers], -1)
+        return feats, out.final_hidden
+
+    # ------------------------------------------------------------------ losses
+    def block_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        feats, final = self.features(batch)
+        g = self.drafter.cfg.gamma
+        anchors, valid, slot_mask = sample_anchors(mask.cpu(), g, self.anchors_per_seq, self.gen)
+        anchors, valid, slot_mask = anchors.to(ids.device), valid.to(ids.device), slot_mask.to(ids.device)
+        out = self.drafter.forward_blocks(feats, ids, anchors)
+        T = ids.shape[1]
+        pos = anchors[..., None] + torch.arange(g, device=ids.device)  # target hidden predicting slot j
+        B, n = anchors.shape
+        sel = valid.reshape(-1)
+        h_t = final.gather(1, pos.clamp_max(T - 1).reshape(B, -1, 1).expand(-1, -1, final.shape[-1]))
+        h_t = h_t.reshape(B * n, g, -1)[sel]
+        labels = ids.gather(1, (pos + 1).clamp_max(T - 1).reshape(B, -1)).reshape(B * n, g)[sel]
+        d_logits = out.logits.reshape(B * n, g, -1)[sel]
+        vocab = self.drafter.vocab
+        d_ext, t_ext = _target_logits_at(self.target, h_t.reshape(-1, h_t.shape[-1]), vocab, d_logits.reshape(-1, d_logits.shape[-1]))
+        K = d_logits.shape[-1]
+        y = vocab.encode(labels)
+        y = torch.where(y >= K, torch.full_like(y, -100), y)  # labels outside the draft vocabulary: no CE
+        conf = out.conf_logits.reshape(B * n, g)[sel] if out.conf_logits is not None else None
+        w_ce, w_tv, w_conf = self.loss_weights if self.kind == "dspark" else (1.0, 0.0, 0.0)
+        terms = dspark_loss(
+            d_ext.view(-1, g, K + 1), t_ext.view(-1, g, K + 1), y, slot_mask.reshape(B * n, g)[sel], conf, w_ce, w_tv, w_conf
+        )
+        return {"loss": terms.loss, "ce": terms.ce, "tv": terms.tv, "conf": terms.conf, "tau_est": torch.tensor(live_tau(terms.accept))}
+
+    def ttt_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"], batch["loss_mask"].bool()
+        feats, final = self.features(batch)
+        B, T = ids.shape
+        hidden = self.drafter.forward_ttt(feats, ids, self.ttt_steps, return_hidden=True)
+        vocab = self.drafter.vocab
+        total = torch.zeros((), device=ids.device)
+        accept = []
+        j = torch.arange(T, device=ids.device)
+        for s, h in enumerate(hidden, start=1):
+            # position j predicts x_{j+2}; the target's distribution for it is read at j+1
+            ok = (j - s + 1 >= 0) & (j + 2 < T)
+            lab_ok = torch.zeros_like(mask)
+            lab_ok[:, : T - 2] = mask[:, 2:]
+            sel = ok[None, :] & lab_ok
+            if not sel.any():
+                continue
+            d = self.drafter.logits(h[sel])  # [N, K]
+            hid_t = final[:, 1:][sel[:, :-1]] if T > 1 else final[sel]
+            full = self.target.lm_head(hid_t)
+            p_t = torch.softmax(full, -1).index_select(-1, vocab.ids.to(full.device))
+            ce = -(p_t * torch.log_softmax(d, -1)).sum(-1).mean()
+            total = total + self.ttt_decay ** (s - 1) * ce
+            # analytic acceptance 1 - 0.5 ||p_d - p_t||_1 over the full vocabulary (p_d is 0 outside)
+            l1 = (torch.softmax(d, -1) - p_t).abs().sum(-1) + (1 - p_t.sum(-1))
+            accept.append((1 - 0.5 * l1).mean().detach())
+        tau = live_tau(torch.stack(accept)) if accept else 1.0
+        return {"loss": total, "ce": total.detach(), "tau_est": torch.tensor(tau)}
+
+    # ------------------------------------------------------------------ lightning hooks
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.ttt_loss(batch) if self.kind == "eagle3" else self.block_loss(batch)
+        self.log("loss", out["loss"].detach(), prog_bar=True)
+        self.log("tau_est", out["tau_est"], prog_bar=True)
+        for k in ("ce", "tv", "conf"):
+            if k in out:
+                self.log(f"loss_{k}", out[k])
+        return out["loss"]
+
+    def configure_optimizers(self):
+        params = [p for p in self.drafter.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        warm = max(1, int(self.warmup_frac * self.total_steps))
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, self.total_steps - warm))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
