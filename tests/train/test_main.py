@@ -1,15 +1,19 @@
-"""`python -m train`: the config tree composes, and the main job loads the real target
-and says plainly that training is not implemented yet (no fake output, non-zero exit)."""
+"""`python -m train`: every experiment composes; the whole pipeline runs end to end on a
+tiny target for each drafter, skips finished stages on a rerun, logs to MLflow, and bad
+input fails with a message that names the problem."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from tests.train.tiny_model import make_tiny_model_dir
 from train.paths import conf_dir
 
 EXPERIMENTS = sorted(p.stem for p in (Path(conf_dir()) / "experiment").glob("*.yaml"))
@@ -18,26 +22,59 @@ EXPERIMENTS = sorted(p.stem for p in (Path(conf_dir()) / "experiment").glob("*.y
 @pytest.mark.parametrize("exp", EXPERIMENTS)
 def test_every_experiment_composes(exp):
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={exp}"])
+        cfg = compose(config_name="config", overrides=[f"experiment={exp}", "+recipe=paper"] if exp.startswith("gemma") else [f"experiment={exp}"])
     target, drafter = exp.split("_", 1)
-    assert cfg.drafter.name == drafter
-    assert cfg.target.path and cfg.target.dtype in ("bfloat16", "float32")
+    assert cfg.drafter.name == drafter and cfg.experiment_name == f"{target}_{drafter}"
+    if target == "gemma":
+        assert cfg.target.path == "gemma3-270m" and cfg.trainer.batch_size == 512  # the recipe override
+        assert drafter == "eagle3" or cfg.drafter.num_layers == 5
+    else:
+        assert OmegaConf.is_missing(cfg.target, "path")  # must be given on the command line
+    assert list(cfg.drafter.feature_layers) == list(cfg.target.feature_layers)
 
 
-@pytest.mark.slow
-def test_main_job_loads_target_and_reports_not_yet(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "train", "experiment=gemma_dspark", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "target gemma3-270m loaded: 18 layers, hidden 640, vocab 262144" in proc.stdout
-    assert "NOT YET IMPLEMENTED" in proc.stderr
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def test_unknown_experiment_fails_clearly(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "train", "experiment=nope", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
-    )
+def train(tmp: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "train", f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/hydra", *overrides]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("drafter", ["dspark", "dflash", "eagle3"])
+def test_tiny_end_to_end(tmp_path, tiny_dir, drafter):
+    out = tmp_path / "out"
+    common = (f"experiment=tiny_{drafter}", f"target.path={tiny_dir}", f"output_dir={out}")
+    proc = train(tmp_path, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "drafter" / "config.json").exists() and (out / "tau.md").exists()
+    results = json.loads((out / "evaluate.done.json").read_text())["results"]
+    assert set(results) == {"T=1", "T=0"} and results["T=1"]["gsm8k"]["tau"] >= 1.0
+    assert (out / "reliability.png").exists() == (drafter == "dspark")
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run = mlflow.search_runs(experiment_names=["dspark"], output_format="list")[0]
+    assert run.data.tags["drafter"] == drafter and "tau_gsm8k_T1" in run.data.metrics and "loss" in run.data.metrics
+    if drafter == "dspark":  # a second run with the same config skips every stage
+        again = train(tmp_path, *common)
+        assert again.returncode == 0, again.stderr[-2000:]
+        for stage in ("fit", "calibrate", "evaluate"):
+            assert f"{stage}: done for this config, skipped" in again.stdout
+
+
+def test_bad_input_fails_clearly(tmp_path, tiny_dir):
+    proc = train(tmp_path, "experiment=tiny_dspark")
+    assert proc.returncode == 2 and "target.path is required" in proc.stderr
+    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", "target.dtype=int8")
+    assert proc.returncode == 2 and "target.dtype='int8' is invalid" in proc.stderr
+    proc = train(tmp_path, "experiment=tiny_dspark", "trainer.nonsense=1")
+    assert proc.returncode != 0 and "nonsense" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": ["ok?"], "reference": "yes"}\n{"turns": ["broken"\n')
+    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", f"data.train_file={bad}", f"output_dir={tmp_path}/o")
+    assert proc.returncode != 0 and "bad.jsonl:2: malformed JSON" in proc.stderr
+    proc = train(tmp_path, "experiment=nope")
     assert proc.returncode != 0 and "nope" in proc.stderr

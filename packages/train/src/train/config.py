@@ -1,0 +1,54 @@
+"""Config validation at start: a bad key or value fails with a message naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from train.paths import conf_dir
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def repo_path(p: str | Path) -> Path:
+    """Relative paths resolve against the repository root (the parent of conf/)."""
+    p = Path(p)
+    return p if p.is_absolute() else Path(conf_dir()).parent / p
+
+
+def _need(cfg: DictConfig, key: str) -> object:
+    try:
+        val = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        val = None
+    if val is None:
+        raise ConfigError(f"config value {key} is required (e.g. {key}=...)")
+    return val
+
+
+def validate(cfg: DictConfig) -> None:
+    for key in ("target.path", "target.dtype", "drafter.name", "data.train_file", "trainer.max_steps"):
+        _need(cfg, key)
+    checks = [
+        ("target.dtype", cfg.target.dtype in ("bfloat16", "float32"), "bfloat16 or float32"),
+        ("drafter.name", cfg.drafter.name in ("dspark", "dflash", "eagle3"), "dspark, dflash or eagle3 (ngram needs no training)"),
+        ("drafter.gamma", int(cfg.drafter.gamma) >= 1, ">= 1"),
+        ("drafter.draft_vocab_size", int(cfg.drafter.get("draft_vocab_size", 0)) >= 0, ">= 0"),
+        ("data.responses", cfg.data.responses in ("reference", "regenerate"), "reference or regenerate"),
+        ("data.heldout_fraction", 0 <= float(cfg.data.heldout_fraction) < 1, "in [0, 1)"),
+        ("data.max_length", int(cfg.data.max_length) >= 8, ">= 8"),
+        ("trainer.max_steps", int(cfg.trainer.max_steps) >= 1, ">= 1"),
+        ("trainer.batch_size", int(cfg.trainer.batch_size) >= 1, ">= 1"),
+        ("trainer.lr", float(cfg.trainer.lr) > 0, "> 0"),
+        ("trainer.features", cfg.trainer.features in ("online",), "online (the offline cache is not implemented yet)"),
+        ("eval.temperatures", all(float(t) >= 0 for t in cfg.eval.temperatures), ">= 0"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"config value {key}={OmegaConf.select(cfg, key)!r} is invalid: expected {want}")
+    if not repo_path(cfg.data.train_file).exists():
+        raise ConfigError(f"data.train_file: {repo_path(cfg.data.train_file)} not found")

@@ -1,0 +1,233 @@
+"""``run(cfg)``: prompts -> responses -> (online) target features -> Lightning distillation
+-> STS calibration -> evaluation -> drafter checkpoint, tracked in MLflow.
+
+Every stage writes its result under ``cfg.output_dir`` with a stamp holding a hash of the
+configuration it depends on; a rerun with the same configuration skips finished stages,
+and an interrupted fit resumes from its last Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dspark.cache_dir import atomic_write_text
+from train.config import repo_path, validate
+
+KNOWN_DRAFTERS = ("dspark", "dflash", "eagle3")
+
+
+def _hash(*parts: Any) -> str:
+    blob = json.dumps([OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Stage:
+    """A finished-stage stamp: ``<out>/<name>.done.json`` with the config hash."""
+
+    def __init__(self, out: Path, name: str, key: str) -> None:
+        self.path, self.key, self.name = out / f"{name}.done.json", key, name
+
+    def done(self) -> bool:
+        if not self.path.exists():
+            return False
+        try:
+            return json.loads(self.path.read_text()).get("key") == self.key
+        except json.JSONDecodeError:
+            return False
+
+    def finish(self, **info: Any) -> None:
+        atomic_write_text(self.path, json.dumps({"key": self.key, **info}, indent=1, default=str))
+
+    def info(self) -> dict:
+        return json.loads(self.path.read_text())
+
+
+def _log(msg: str) -> None:
+    print(f"[train] {msg}", flush=True)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo_path("."), timeout=5).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job; returns the evaluation results (and writes everything to disk)."""
+    import mlflow
+    import torch
+
+    from dspark.drafters import DraftVocab, build_drafter, load_drafter
+    from dspark.drafters.vocab import count_tokens
+    from dspark.prompts import PromptFormat
+    from dspark.target import Target
+    from train.calibrate import calibrate, reliability_diagram
+    from train.data import build_example, check_loss_masks, read_prompts, split_heldout
+    from train.evaluate import evaluate, tau_markdown
+    from train.fit import fit
+    from train.module import DistillModule
+    from train.regenerate import regenerate
+
+    validate(cfg)
+    out = repo_path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    tc, dc = cfg.target, cfg.drafter
+    fmt = PromptFormat(**OmegaConf.to_container(tc.prompt_format, resolve=True))
+    target = Target.load(tc.path, dtype=tc.dtype, prompt_format=fmt)
+    _log(f"target {target.name}: {target.num_layers} layers, vocab {target.vocab_size}, {target.dtype}")
+
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    mlflow.set_experiment(cfg.logger.experiment)
+    flat = {k: str(v) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+    with mlflow.start_run(run_name=cfg.experiment_name):
+        mlflow.set_tags({"target": target.name, "drafter": dc.name, "git_commit": _git_commit(), "experiment": cfg.experiment_name})
+        mlflow.log_params({k: v[:500] for k, v in list(flat.items())[:400]})
+
+        # 1. prompts -------------------------------------------------------------
+        ds = read_prompts(repo_path(cfg.data.train_file), limit=cfg.data.max_prompts)
+        train_rows, held_rows = split_heldout(ds, cfg.data.heldout_fraction, salt=str(cfg.seed))
+        _log(f"prompts: {len(train_rows)} train, {len(held_rows)} held out")
+
+        # 2. responses -----------------------------------------------------------
+        if cfg.data.responses == "regenerate":
+            rc = cfg.data.regenerate
+            from dspark.generate import GenerationConfig
+            from dspark.sampling import SamplingParams
+
+            gcfg = GenerationConfig(max_new_tokens=rc.max_new_tokens, sampling=SamplingParams(temperature=rc.temperature), seed=cfg.seed)
+            resp_file = out.parent / f"responses_{_hash(tc.path, tc.dtype, cfg.data.regenerate, cfg.data.train_file, cfg.seed)}.jsonl"
+            responses = regenerate(target, list(train_rows), resp_file, gcfg, rc.batch_size, progress=cfg.progress)
+        else:
+            missing = [r["id"] for r in train_rows if not r["reference"]]
+            if missing:
+                raise ValueError(f"data.responses=reference but {len(missing)} prompts have no 'reference' answer")
+            responses = {r["id"]: r["reference"] for r in train_rows}
+        examples = [e for r in train_rows if (e := build_example(target, r["id"], r["turns"], responses[r["id"]], cfg.data.max_length))]
+        if not examples:
+            raise ValueError(f"no example keeps a response token within data.max_length={cfg.data.max_length}")
+        sup, tot = check_loss_masks(examples)
+        _log(f"examples: {len(examples)}, {sup} supervised of {tot} tokens")
+        mlflow.log_metrics({"data_examples": len(examples), "data_supervised_tokens": sup})
+
+        # 3-4. features (online) + distillation ----------------------------------------
+        fit_key = _hash(cfg.target, cfg.drafter, cfg.data, cfg.trainer, cfg.seed)
+        fit_stage = Stage(out, "fit", fit_key)
+        ckpt_dir = out / "drafter"
+        if fit_stage.done() and ckpt_dir.exists():
+            _log("fit: done for this config, skipped")
+            drafter = load_drafter(str(ckpt_dir), target)
+        else:
+            vocab = None
+            if dc.draft_vocab_size:
+                counts = count_tokens((e.input_ids for e in examples), target.vocab_size)
+                vocab = DraftVocab.from_counts(counts, dc.draft_vocab_size, always=target.eos_token_ids)
+            # eagle3 is one layer by definition; the others take their sizes from the config
+            extra = {} if dc.name == "eagle3" else {k: dc[k] for k in ("num_layers", "head", "rank", "mask_token_id") if k in dc}
+            drafter = build_drafter(dc.name, target, gamma=dc.gamma, feature_layers=list(dc.feature_layers), vocab=vocab, **extra)
+            module = DistillModule(
+                drafter, target, dc.name, lr=cfg.trainer.lr, warmup_frac=cfg.trainer.warmup_frac,
+                total_steps=cfg.trainer.max_steps, anchors_per_seq=cfg.trainer.anchors_per_seq,
+                loss_weights=tuple(dc.get("loss_weights", (0.1, 0.9, 1.0))), ttt_steps=dc.get("ttt_steps", 7), seed=cfg.seed,
+            )
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            logger = MLFlowLogger(tracking_uri=cfg.logger.tracking_uri, run_id=mlflow.active_run().info.run_id)
+            fit(
+                module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size,
+                precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip, ckpt_every=cfg.trainer.ckpt_every,
+                logger=logger, seed=cfg.seed, progress=cfg.progress,
+            )
+            drafter = module.drafter.float().eval()
+            if ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)
+            drafter.save_pretrained(str(ckpt_dir))
+            fit_stage.finish(steps=cfg.trainer.max_steps)
+        drafter = drafter.to(target.dtype) if target.dtype != torch.float32 else drafter
+
+        # 5. calibration (drafters with a confidence head) ---------------------------
+        held = [target.encode_prompt(r["turns"][0]) for r in list(held_rows)[: cfg.eval.calibration_prompts]]
+        if getattr(drafter, "conf", None) is not None and held:
+            cal_stage = Stage(out, "calibrate", _hash(fit_key, cfg.eval.calibration_prompts, cfg.eval.calibration_max_new_tokens))
+            if cal_stage.done() and cal_stage.info().get("temperatures"):
+                drafter.calibrator.temperatures = cal_stage.info()["temperatures"]
+                _log("calibrate: done for this config, skipped")
+            else:
+                cal = calibrate(target, drafter, held, dc.gamma, cfg.eval.calibration_max_new_tokens, seed=cfg.seed)
+                png = reliability_diagram(cal, out / "reliability.png")
+                mlflow.log_artifact(str(png))
+                rep = cal.report
+                for k in ("ece_before", "ece_after", "auc_before", "auc_after"):
+                    vals = [v for v in rep[k] if v == v]
+                    if vals:
+                        mlflow.log_metric(f"sts_{k}_mean", sum(vals) / len(vals))
+                _log(f"STS: ECE {rep['ece_before']} -> {rep['ece_after']}")
+                shutil.rmtree(ckpt_dir)
+                drafter.float().save_pretrained(str(ckpt_dir))
+                drafter = drafter.to(target.dtype)
+                cal_stage.finish(temperatures=cal.temperatures, report=rep)
+
+        # 6. evaluation -----------------------------------------------------------
+        ev_stage = Stage(out, "evaluate", _hash(fit_key, cfg.eval))
+        if ev_stage.done():
+            results = ev_stage.info()["results"]
+            _log("evaluate: done for this config, skipped")
+        else:
+            results = evaluate(
+                target, drafter, list(cfg.eval.benchmarks), cfg.eval.prompts_per_benchmark, cfg.eval.max_new_tokens,
+                list(cfg.eval.temperatures), dc.gamma, seed=cfg.seed, progress=cfg.progress,
+            )
+            ev_stage.finish(results=results)
+        table = tau_markdown(results, dc.name)
+        atomic_write_text(out / "tau.md", table + "\n")
+        for t, rows in results.items():
+            for bench, vals in rows.items():
+                mlflow.log_metric(f"tau_{bench}_T{t[2:]}", vals["tau"])
+        mlflow.log_text(json.dumps(results, indent=1), "tau.json")
+        mlflow.log_artifact(str(out / "tau.md"))
+        _per_position_plot(results, out / "per_position.png")
+        mlflow.log_artifact(str(out / "per_position.png"))
+        mlflow.log_artifacts(str(ckpt_dir), artifact_path="drafter")
+        mlflow.log_metric("wall_seconds", time.perf_counter() - t0)
+        _log("tau:\n" + table)
+    return results
+
+
+def _per_position_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for t, rows in results.items():
+        for bench, vals in rows.items():
+            pp = vals.get("per_position")
+            if pp:
+                ax.plot(range(1, len(pp) + 1), [v if v is not None else float("nan") for v in pp], marker=".", label=f"{bench} {t}")
+    ax.set_xlabel("draft position k")
+    ax.set_ylabel("conditional acceptance")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
