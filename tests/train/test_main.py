@@ -78,3 +78,19 @@ def test_bad_input_fails_clearly(tmp_path, tiny_dir):
     assert proc.returncode != 0 and "bad.jsonl:2: malformed JSON" in proc.stderr
     proc = train(tmp_path, "experiment=nope")
     assert proc.returncode != 0 and "nope" in proc.stderr
+
+
+def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir):
+    for exp in ("tiny_dflash", "tiny_ngram"):
+        proc = train(tmp_path, f"experiment={exp}", f"target.path={tiny_dir}", f"output_dir={tmp_path}/{exp}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.compare", "--runs", "tiny_dflash", "tiny_ngram", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "| tiny_dflash |" in text and "| tiny_ngram |" in text and "**T=1**" in text and "**T=0**" in text
+    missing = subprocess.run([sys.executable, "-m", "train.compare", "--runs", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no finished MLflow run named 'nope'" in missing.stderr

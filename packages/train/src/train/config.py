@@ -35,7 +35,7 @@ def validate(cfg: DictConfig) -> None:
         _need(cfg, key)
     checks = [
         ("target.dtype", cfg.target.dtype in ("bfloat16", "float32"), "bfloat16 or float32"),
-        ("drafter.name", cfg.drafter.name in ("dspark", "dflash", "eagle3"), "dspark, dflash or eagle3 (ngram needs no training)"),
+        ("drafter.name", cfg.drafter.name in ("dspark", "dflash", "eagle3", "ngram"), "dspark, dflash, eagle3 or ngram"),
         ("drafter.gamma", int(cfg.drafter.gamma) >= 1, ">= 1"),
         ("drafter.draft_vocab_size", int(cfg.drafter.get("draft_vocab_size", 0)) >= 0, ">= 0"),
         ("data.responses", cfg.data.responses in ("reference", "regenerate"), "reference or regenerate"),

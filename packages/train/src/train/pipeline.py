@@ -72,7 +72,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from dspark.target import Target
     from train.calibrate import calibrate, reliability_diagram
     from train.data import build_example, check_loss_masks, read_prompts, split_heldout
-    from train.evaluate import evaluate, tau_markdown
     from train.fit import fit
     from train.module import DistillModule
     from train.regenerate import regenerate
@@ -93,6 +92,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with mlflow.start_run(run_name=cfg.experiment_name):
         mlflow.set_tags({"target": target.name, "drafter": dc.name, "git_commit": _git_commit(), "experiment": cfg.experiment_name})
         mlflow.log_params({k: v[:500] for k, v in list(flat.items())[:400]})
+
+        if dc.name == "ngram":  # nothing to train: evaluate the baseline only
+            from dspark.drafters import NgramDrafter
+
+            return _evaluate_and_log(cfg, out, target, NgramDrafter(max_ngram=dc.max_ngram, num_tokens=dc.gamma), _hash(dc), t0)
 
         # 1. prompts -------------------------------------------------------------
         ds = read_prompts(repo_path(cfg.data.train_file), limit=cfg.data.max_prompts)
@@ -177,29 +181,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 drafter = drafter.to(target.dtype)
                 cal_stage.finish(temperatures=cal.temperatures, report=rep)
 
-        # 6. evaluation -----------------------------------------------------------
-        ev_stage = Stage(out, "evaluate", _hash(fit_key, cfg.eval))
-        if ev_stage.done():
-            results = ev_stage.info()["results"]
-            _log("evaluate: done for this config, skipped")
-        else:
-            results = evaluate(
-                target, drafter, list(cfg.eval.benchmarks), cfg.eval.prompts_per_benchmark, cfg.eval.max_new_tokens,
-                list(cfg.eval.temperatures), dc.gamma, seed=cfg.seed, progress=cfg.progress,
-            )
-            ev_stage.finish(results=results)
-        table = tau_markdown(results, dc.name)
-        atomic_write_text(out / "tau.md", table + "\n")
-        for t, rows in results.items():
-            for bench, vals in rows.items():
-                mlflow.log_metric(f"tau_{bench}_T{t[2:]}", vals["tau"])
-        mlflow.log_text(json.dumps(results, indent=1), "tau.json")
-        mlflow.log_artifact(str(out / "tau.md"))
-        _per_position_plot(results, out / "per_position.png")
-        mlflow.log_artifact(str(out / "per_position.png"))
         mlflow.log_artifacts(str(ckpt_dir), artifact_path="drafter")
-        mlflow.log_metric("wall_seconds", time.perf_counter() - t0)
-        _log("tau:\n" + table)
+        results = _evaluate_and_log(cfg, out, target, drafter, fit_key, t0)
+    return results
+
+
+def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit_key: str, t0: float) -> dict:
+    """Stage 6 (evaluation) and the final MLflow logging; inside the active run."""
+    import mlflow
+
+    from train.evaluate import evaluate, tau_markdown
+
+    dc = cfg.drafter
+    ev_stage = Stage(out, "evaluate", _hash(fit_key, cfg.eval))
+    if ev_stage.done():
+        results = ev_stage.info()["results"]
+        _log("evaluate: done for this config, skipped")
+    else:
+        results = evaluate(
+            target, drafter, list(cfg.eval.benchmarks), cfg.eval.prompts_per_benchmark, cfg.eval.max_new_tokens,
+            list(cfg.eval.temperatures), dc.gamma, seed=cfg.seed, progress=cfg.progress,
+        )
+        ev_stage.finish(results=results)
+    table = tau_markdown(results, dc.name)
+    atomic_write_text(out / "tau.md", table + "\n")
+    for t, rows in results.items():
+        for bench, vals in rows.items():
+            mlflow.log_metric(f"tau_{bench}_T{t[2:]}", vals["tau"])
+    mlflow.log_text(json.dumps(results, indent=1), "tau.json")
+    mlflow.log_artifact(str(out / "tau.md"))
+    _per_position_plot(results, out / "per_position.png")
+    mlflow.log_artifact(str(out / "per_position.png"))
+    mlflow.log_metric("wall_seconds", time.perf_counter() - t0)
+    _log("tau:\n" + table)
     return results
 
 

@@ -1,0 +1,74 @@
+"""Compare runs side by side (Table-1 style) from MLflow, and write docs/results.md.
+
+    python -m train.compare --runs gemma_dspark gemma_dflash gemma_eagle3 gemma_ngram \\
+        --out docs/results.md
+
+For each run name the latest finished run is used; tau comes from its tau.json artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+
+from dspark.cache_dir import atomic_write_text
+from train.config import repo_path
+
+
+def load_results(tracking_uri: str, experiment: str, names: list[str]) -> dict[str, tuple[dict, object]]:
+    import mlflow
+    from mlflow.artifacts import load_text
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", order_by=["attributes.start_time DESC"])
+    out: dict[str, tuple[dict, object]] = {}
+    for name in names:
+        match = [r for r in runs if r.info.run_name == name and r.info.status == "FINISHED"]
+        if not match:
+            raise SystemExit(f"no finished MLflow run named {name!r} in experiment {experiment!r} at {tracking_uri}")
+        run = match[0]
+        out[name] = (json.loads(load_text(f"runs:/{run.info.run_id}/tau.json")), run)
+    return out
+
+
+def table(results: dict[str, tuple[dict, object]]) -> str:
+    temps = sorted({t for res, _ in results.values() for t in res}, reverse=True)
+    first = next(iter(results.values()))[0]
+    benches = [b for b in first[temps[0]] if b != "macro"]
+    lines = []
+    for t in temps:
+        lines += [f"\n**{t}**\n", "| run | " + " | ".join(benches) + " | macro |", "|---|" + "---|" * (len(benches) + 1)]
+        for name, (res, _) in results.items():
+            if t in res:
+                row = res[t]
+                lines.append(f"| {name} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {row['macro']['tau']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="MLflow run names (= experiment names)")
+    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    ap.add_argument("--experiment", default="dspark")
+    ap.add_argument("--out", default=None, help="write the table to this markdown file (e.g. docs/results.md)")
+    args = ap.parse_args(argv)
+    results = load_results(args.tracking_uri, args.experiment, args.runs)
+    body = table(results)
+    print(body)
+    if args.out:
+        meta = "\n".join(
+            f"- {name}: run {run.info.run_id[:8]}, git {run.data.tags.get('git_commit', '?')[:8]}, "
+            f"{run.data.metrics.get('wall_seconds', float('nan')) / 60:.1f} min"
+            for name, (_, run) in results.items()
+        )
+        text = (
+            f"# Results: tau per benchmark\n\nGenerated {dt.date.today()} by "
+            f"`python -m train.compare {' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n{meta}\n{body}\n"
+        )
+        atomic_write_text(repo_path(args.out), text)
+
+
+if __name__ == "__main__":
+    main()
