@@ -115,12 +115,8 @@ class Eagle3Drafter(LinkedDrafter):
     # ------------------------------------------------------------------ inference
     def _extend_all(self, state: DraftState) -> list[_RowCache]:
         rows = [self._cache.setdefault(rid, _RowCache()) for rid in state.request_ids]
-        groups: dict[int, list[int]] = {}
-        for i, f in enumerate(state.features):
-            if f is not None and len(f):
-                groups.setdefault(len(f), []).append(i)
         dev = self.device
-        for n, idx in groups.items():
+        for n, idx in self._groups_by_new_tokens(state.features).items():
             start = torch.tensor([rows[i].length for i in idx], device=dev)
             pos = start[:, None] + torch.arange(n, device=dev)
             tokens = torch.tensor(
@@ -140,12 +136,7 @@ class Eagle3Drafter(LinkedDrafter):
                 add = LayerKV(new.k[j : j + 1], new.v[j : j + 1])
                 r.kv = add if r.kv is None else LayerKV(torch.cat([r.kv.k, add.k], 2), torch.cat([r.kv.v, add.v], 2))
                 r.last = hidden[j, -1]
-        for rid, r, s in zip(state.request_ids, rows, state.seqs):
-            if r.length != len(s) - 1 or r.last is None:
-                raise RuntimeError(
-                    f"eagle3 context for request {rid} holds {r.length} positions but the anchor is at "
-                    f"{len(s) - 1}: features must be given for every committed token exactly once"
-                )
+        self._check_context(state.request_ids, state.seqs, [r.length for r in rows], [r.last is not None for r in rows])
         return rows
 
     def _empty_kv(self) -> LayerKV:

@@ -158,6 +158,24 @@ class LinkedDrafter(nn.Module):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
+    @staticmethod
+    def _groups_by_new_tokens(features: Sequence[torch.Tensor | None]) -> dict[int, list[int]]:
+        """Rows with newly committed features, grouped by how many (one batched call each)."""
+        groups: dict[int, list[int]] = {}
+        for i, f in enumerate(features):
+            if f is not None and len(f):
+                groups.setdefault(len(f), []).append(i)
+        return groups
+
+    def _check_context(self, request_ids: Sequence[int], seqs: Sequence[Sequence[int]], lengths: Sequence[int], ready: Sequence[bool]) -> None:
+        """The context must cover exactly the positions before each request's anchor."""
+        for rid, s, n, ok in zip(request_ids, seqs, lengths, ready):
+            if n != len(s) - 1 or not ok:
+                raise RuntimeError(
+                    f"{self.name} drafter context for request {rid} holds {n} positions but the anchor is at "
+                    f"{len(s) - 1}: features must be given for every committed token exactly once"
+                )
+
     def release(self, request_ids: Sequence[int]) -> None:
         for rid in request_ids:
             self._cache.pop(rid, None)

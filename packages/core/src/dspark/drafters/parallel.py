@@ -106,12 +106,8 @@ class ParallelDrafter(LinkedDrafter):
 
         Rows with the same number of new tokens are projected in one batched call."""
         rows = [self._cache.setdefault(rid, _RowCache()) for rid in state.request_ids]
-        groups: dict[int, list[int]] = {}
-        for i, f in enumerate(state.features):
-            if f is not None and len(f):
-                groups.setdefault(len(f), []).append(i)
         dev = self._lm_w.device
-        for n, idx in groups.items():
+        for n, idx in self._groups_by_new_tokens(state.features).items():
             feats = torch.stack([state.features[i] for i in idx]).to(dev)
             start = torch.tensor([rows[i].length for i in idx], device=dev)
             kv = self.backbone.context_kv(feats, start[:, None] + torch.arange(n, device=dev))
@@ -120,12 +116,7 @@ class ParallelDrafter(LinkedDrafter):
                 new = [LayerKV(l.k[j : j + 1], l.v[j : j + 1]) for l in kv]
                 r.kv = new if r.kv is None else [LayerKV(torch.cat([a.k, b.k], 2), torch.cat([a.v, b.v], 2)) for a, b in zip(r.kv, new)]
                 r.length += n
-        for rid, r, s in zip(state.request_ids, rows, state.seqs):
-            if r.length != len(s) - 1 or r.kv is None:
-                raise RuntimeError(
-                    f"drafter context for request {rid} holds {r.length} positions but the anchor is at "
-                    f"{len(s) - 1}: features must be given for every committed token exactly once"
-                )
+        self._check_context(state.request_ids, state.seqs, [r.length for r in rows], [r.kv is not None for r in rows])
         return rows
 
     def _batched_ctx(self, rows: list[_RowCache]) -> tuple[list[LayerKV], torch.Tensor | None]:
