@@ -63,6 +63,16 @@ def draft_layer_config(target_config, num_layers: int):
     return cfg
 
 
+def init_linears(module: nn.Module, std: float = 0.02) -> None:
+    """Fresh draft weights: every Linear ~ N(0, std), zero biases (norms keep their
+    family's identity init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Rotary(nn.Module):
     """Standard rotary embedding at absolute positions (rotate-half convention)."""
 
@@ -179,11 +189,7 @@ class ParallelBackbone(nn.Module):
         rotary = Rotary(layers[0].self_attn.head_dim, rope_theta(cfg))
         self.layers = nn.ModuleList([InjectedLayer(lay, rotary) for lay in layers])
         self.norm = norm_cls(d, eps=eps)  # the family's fresh norm is the identity
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def project_context(self, feats: torch.Tensor) -> torch.Tensor:
         """[..., T, m*d] concatenated target-layer features -> [..., T, d]."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dspark.drafters.backbone import InjectedLayer, LayerKV, Rotary, draft_layer_config, family_layer_class, pad_kv, rope_theta
+from dspark.drafters.backbone import InjectedLayer, init_linears, LayerKV, Rotary, draft_layer_config, family_layer_class, pad_kv, rope_theta
 from dspark.drafters.base import DraftState, Proposal
 from dspark.drafters.linked import DraftConfig, LinkedDrafter
 from dspark.drafters.vocab import DraftVocab
@@ -56,11 +56,7 @@ class Eagle3Drafter(LinkedDrafter):
         self.hidden_norm = norm_cls(d, eps=eps)
         self.layer = InjectedLayer(layer, Rotary(a.head_dim, rope_theta(lcfg)))
         self.norm = norm_cls(d, eps=eps)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     # ------------------------------------------------------------------ pieces
     def fuse(self, feats: torch.Tensor) -> torch.Tensor:

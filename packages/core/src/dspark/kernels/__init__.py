@@ -112,10 +112,8 @@ def rejection_sample(
     return impl.rejection_sample(target_probs, draft_tokens, draft_lens, draft_probs, uniforms, noise)
 
 
-def markov_sample(
-    base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, prev0: torch.Tensor, temperature: float, noise: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DSpark Markov-head sampling loop (see reference.markov_sample)."""
+def _check_head(base, w1, w2, prev0, temperature: float, noise) -> None:
+    """Arguments every sequential-head sampler shares."""
     B, G, Kv = base.shape
     R = w1.shape[-1]
     _check("base", base, (B, G, Kv), F32)
@@ -125,6 +123,13 @@ def markov_sample(
     _check("noise", noise, (B, G, Kv), F32)
     if (temperature == 0) != (noise is None):
         raise ValueError("noise must be given exactly when temperature > 0")
+
+
+def markov_sample(
+    base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, prev0: torch.Tensor, temperature: float, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DSpark Markov-head sampling loop (see reference.markov_sample)."""
+    _check_head(base, w1, w2, prev0, temperature, noise)
     impl = _triton() if _use_triton(base) else reference
     return impl.markov_sample(base, w1, w2, prev0, temperature, noise)
 
@@ -141,18 +146,12 @@ def rnn_sample(
     noise: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DSpark RNN-head sampling loop (see reference.rnn_sample)."""
-    B, G, Kv = base.shape
+    _check_head(base, w1, w2, prev0, temperature, noise)
+    B, G, _ = base.shape
     R, D = w1.shape[-1], hidden.shape[-1]
-    _check("base", base, (B, G, Kv), F32)
     _check("hidden", hidden, (B, G, D), FLOATS)
-    _check("w1", w1, (Kv + 1, R), FLOATS)
     _check("cell_w", cell_w, (3 * R, 2 * R + D), FLOATS)
     _check("cell_b", cell_b, (3 * R,), FLOATS)
-    _check("w2", w2, (Kv, R), FLOATS)
-    _check("prev0", prev0, (B,), LONG)
-    _check("noise", noise, (B, G, Kv), F32)
-    if (temperature == 0) != (noise is None):
-        raise ValueError("noise must be given exactly when temperature > 0")
     impl = _triton() if _use_triton(base) else reference
     return impl.rnn_sample(base, hidden, w1, cell_w, cell_b, w2, prev0, temperature, noise)
 

@@ -95,6 +95,21 @@ def _race(probs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
     return probs.argmax(-1) if noise is None else (probs / noise).argmax(-1)
 
 
+def _sequential(base, prev0, temperature, noise, bias_step):
+    """The shared left-to-right loop: slot k's logits are base[:, k] + bias, sampled at
+    ``temperature``; ``bias_step(k, prev, state) -> (bias, state)`` is the head."""
+    g = base.shape[1]
+    prev, state, toks, probs = prev0, None, [], []
+    for k in range(g):
+        bias, state = bias_step(k, prev, state)
+        p = temperature_probs(base[:, k] + bias.float(), temperature)
+        x = _race(p, None if noise is None else noise[:, k])
+        toks.append(x)
+        probs.append(p)
+        prev = x
+    return torch.stack(toks, 1), torch.stack(probs, 1)
+
+
 def markov_sample(
     base: torch.Tensor,
     w1: torch.Tensor,
@@ -110,17 +125,8 @@ def markov_sample(
     is greedy (noise None); noise [B, g, K] Exp(1). Returns (tokens [B, g] draft ids,
     probs [B, g, K] fp32: exactly the distributions the tokens were drawn from).
     """
-    B, g, _ = base.shape
-    prev, toks, probs = prev0, [], []
-    for k in range(g):
-        # matmul in the weights' dtype (no per-step fp32 copy of W2); the sum is fp32
-        logits = base[:, k] + (w1[prev] @ w2.T).float()
-        p = temperature_probs(logits, temperature)
-        x = _race(p, None if noise is None else noise[:, k])
-        toks.append(x)
-        probs.append(p)
-        prev = x
-    return torch.stack(toks, 1), torch.stack(probs, 1)
+    # matmul in the weights' dtype (no per-step fp32 copy of W2); the sum is fp32
+    return _sequential(base, prev0, temperature, noise, lambda k, prev, state: (w1[prev] @ w2.T, None))
 
 
 def rnn_sample(
@@ -136,21 +142,18 @@ def rnn_sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DSpark RNN loop (see heads/rnn.py): hidden [B, g, d]; cell_w [3r, 2r+d],
     cell_b [3r]; other arguments and outputs as :func:`markov_sample`."""
-    B, g, _ = base.shape
-    r = w1.shape[1]
-    state = torch.zeros(B, r, dtype=torch.float32, device=base.device)
-    prev, toks, probs = prev0, [], []
-    for k in range(g):
-        z = torch.cat([state.to(cell_w.dtype), w1[prev].to(cell_w.dtype), hidden[:, k].to(cell_w.dtype)], -1)
+    dt = cell_w.dtype
+
+    def step(k, prev, state):
+        if state is None:
+            state = torch.zeros(base.shape[0], w1.shape[1], dtype=torch.float32, device=base.device)
+        z = torch.cat([state.to(dt), w1[prev].to(dt), hidden[:, k].to(dt)], -1)
         gg, c, o = (z @ cell_w.T + cell_b).float().chunk(3, -1)
         gate = torch.sigmoid(gg)
         state = gate * state + (1 - gate) * torch.tanh(c)
-        p = temperature_probs(base[:, k] + (torch.tanh(o).to(w2.dtype) @ w2.T).float(), temperature)
-        x = _race(p, None if noise is None else noise[:, k])
-        toks.append(x)
-        probs.append(p)
-        prev = x
-    return torch.stack(toks, 1), torch.stack(probs, 1)
+        return torch.tanh(o).to(w2.dtype) @ w2.T, state
+
+    return _sequential(base, prev0, temperature, noise, step)
 
 
 def distill_loss(

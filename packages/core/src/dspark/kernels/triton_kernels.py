@@ -42,6 +42,18 @@ def _rejection_greedy_kernel(AMAX, D, L, OUT, NACC, K, KP: tl.constexpr):
 
 
 @triton.jit
+def _slot_pq(prow, Q, rows, a, vs, vm, rej, xa, K, V, HAS_Q: tl.constexpr):
+    """Target and draft probabilities of a vocabulary block at each row's slot a
+    (q = 0 where the slot is the bonus; one-hot of the draft token without Q)."""
+    p = tl.load(prow[:, None] + a[:, None] * V + vs[None, :], mask=vm, other=0.0)
+    if HAS_Q:
+        q = tl.load(Q + rows[:, None] * K * V + a[:, None] * V + vs[None, :], mask=vm & rej[:, None], other=0.0)
+    else:
+        q = tl.where((vs[None, :] == xa[:, None]) & rej[:, None], 1.0, 0.0)
+    return p, q
+
+
+@triton.jit
 def _rejection_sample_kernel(
     P, D, L, Q, U, NOISE, OUT, NACC, B, K, V,
     HAS_Q: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, ROWS: tl.constexpr, EPS: tl.constexpr,
@@ -69,11 +81,7 @@ def _rejection_sample_kernel(
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         vm = rm[:, None] & (vs[None, :] < V)
-        p = tl.load(prow[:, None] + a[:, None] * V + vs[None, :], mask=vm, other=0.0)
-        if HAS_Q:
-            q = tl.load(Q + rows[:, None] * K * V + a[:, None] * V + vs[None, :], mask=vm & rej[:, None], other=0.0)
-        else:
-            q = tl.where((vs[None, :] == xa[:, None]) & rej[:, None], 1.0, 0.0)
+        p, q = _slot_pq(prow, Q, rows, a, vs, vm, rej, xa, K, V, HAS_Q)
         mass += tl.sum(tl.maximum(p - q, 0.0), axis=1)
     use_p = mass <= EPS
     # pass 2: exponential race over the residual (or p when the residual is ~0)
@@ -82,11 +90,7 @@ def _rejection_sample_kernel(
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         vm = rm[:, None] & (vs[None, :] < V)
-        p = tl.load(prow[:, None] + a[:, None] * V + vs[None, :], mask=vm, other=0.0)
-        if HAS_Q:
-            q = tl.load(Q + rows[:, None] * K * V + a[:, None] * V + vs[None, :], mask=vm & rej[:, None], other=0.0)
-        else:
-            q = tl.where((vs[None, :] == xa[:, None]) & rej[:, None], 1.0, 0.0)
+        p, q = _slot_pq(prow, Q, rows, a, vs, vm, rej, xa, K, V, HAS_Q)
         w = tl.where(use_p[:, None], p, tl.maximum(p - q, 0.0))
         e = tl.load(NOISE + rows[:, None] * V + vs[None, :], mask=vm, other=1.0)
         score = tl.where(vm, w / e, -1.0)
