@@ -88,7 +88,7 @@ def head_case(B=3, G=4, K=45, R=8, D=12, seed=0):
     hid = torch.randn(B, G, D, generator=g)
     cw = torch.randn(3 * R, 2 * R + D, generator=g) * 0.3
     cb = torch.randn(3 * R, generator=g) * 0.1
-    return base, w1, w2, prev0, noise, hid, cw, cb
+    return [x.to(DEV) for x in (base, w1, w2, prev0, noise, hid, cw, cb)]
 
 
 @needs_triton
@@ -123,6 +123,7 @@ def test_distill_loss_and_gradients_match_reference():
     y = torch.randint(0, 300, (9,), generator=g)
     y[2] = -100  # ignored for CE
     w_ce, w_l1 = torch.rand(9, generator=g), torch.rand(9, generator=g)
+    d, t, y, w_ce, w_l1 = (x.to(DEV) for x in (d, t, y, w_ce, w_l1))
     outs, grads = [], []
     for impl in (ref, tri()):
         x = d.clone().requires_grad_(True)

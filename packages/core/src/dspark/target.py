@@ -8,6 +8,8 @@ frozen embedding and LM head, and prompt encoding.
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import time
 from collections.abc import Sequence
@@ -98,6 +100,10 @@ class Target:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.layers: nn.ModuleList = decoder.layers
         self.decoder = decoder
+        # transformers >= 5.2x names the decoder's cache argument ``cache``; earlier
+        # releases (and many remote-code models) call it ``past_key_values``
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._softcap = getattr(self.config, "final_logit_softcapping", None)
 
     # ------------------------------------------------------------------ loading
@@ -249,8 +255,8 @@ class Target:
         try:
             out = self.decoder(
                 input_ids=input_ids.to(self.device),
-                cache=cache,
                 use_cache=cache is not None,
+                **{self._cache_kw: cache},
             )
         finally:
             for h in hooks:

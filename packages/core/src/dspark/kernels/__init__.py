@@ -1,5 +1,6 @@
 """Hot-path kernels with one dispatch: Triton on CUDA tensors, the torch reference
-elsewhere. One switch forces either: ``DSPARK_KERNELS=auto|triton|torch`` in the
+elsewhere, except the Markov / RNN head samplers, whose one-program-per-row loop measured
+10-40x slower than the torch loop on an H100 and so runs only when forced. One switch forces either: ``DSPARK_KERNELS=auto|triton|torch`` in the
 environment, or :func:`set_backend` / :func:`backend_override` in code.
 
 Every function checks shapes and dtypes and raises a ValueError that names the argument.
@@ -50,7 +51,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def _use_triton(t: torch.Tensor, auto: bool = True) -> bool:
+    """``auto``: whether the automatic choice takes Triton on CUDA for this kernel (it does
+    not where the kernel measured slower than torch on an H100; docs/benchmarks.md)."""
     b = get_backend()
     if b == "torch":
         return False
@@ -58,7 +61,7 @@ def _use_triton(t: torch.Tensor) -> bool:
         if not (t.is_cuda or _interpreting()):
             raise RuntimeError("DSPARK_KERNELS=triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
         return True
-    return t.is_cuda
+    return auto and t.is_cuda
 
 
 def _triton():
@@ -130,7 +133,7 @@ def markov_sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DSpark Markov-head sampling loop (see reference.markov_sample)."""
     _check_head(base, w1, w2, prev0, temperature, noise)
-    impl = _triton() if _use_triton(base) else reference
+    impl = _triton() if _use_triton(base, auto=False) else reference
     return impl.markov_sample(base, w1, w2, prev0, temperature, noise)
 
 
@@ -152,7 +155,7 @@ def rnn_sample(
     _check("hidden", hidden, (B, G, D), FLOATS)
     _check("cell_w", cell_w, (3 * R, 2 * R + D), FLOATS)
     _check("cell_b", cell_b, (3 * R,), FLOATS)
-    impl = _triton() if _use_triton(base) else reference
+    impl = _triton() if _use_triton(base, auto=False) else reference
     return impl.rnn_sample(base, hidden, w1, cell_w, cell_b, w2, prev0, temperature, noise)
 
 
