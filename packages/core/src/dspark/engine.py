@@ -163,6 +163,7 @@ class SpeculativeEngine:
         self._new: list[int] = []
         self._next_id = 0
         self._run = None
+        self.last_round: list[tuple[int, int, int]] = []  # (request id, verified drafts, accepted) of the last step
 
     def _propose(self, state: DraftState) -> Proposal:
         if self.drafter is None or state.max_draft == 0:
@@ -215,6 +216,24 @@ class SpeculativeEngine:
         r.stats.new_tokens = len(r.out)
         return GenerationResult(r.out, r.finish_reason, r.stats)
 
+    def cancel(self, rid: int) -> None:
+        """Drop a request now (finished or not): frees its KV cache and drafter state.
+        Unknown ids are ignored, so a cancel that races a finish is harmless."""
+        r = self._requests.pop(rid, None)
+        if r is None:
+            return
+        if rid in self._new:
+            self._new.remove(rid)
+            return
+        if r.finish_reason is None:
+            self._runner().release(rid)
+            if self.drafter is not None:
+                self.drafter.release([rid])
+
+    @property
+    def num_running(self) -> int:
+        return sum(r.finish_reason is None for r in self._requests.values())
+
     def _emit(self, r: _Request, tokens: list[int], stopped: bool) -> None:
         r.seq.extend(tokens)
         r.out.extend(tokens)
@@ -233,6 +252,7 @@ class SpeculativeEngine:
         draft -> verify -> commit round for every running request, grouped by sampling
         params. Returns the tokens each request gained in this step."""
         runner, gained = self._runner(), {}
+        self.last_round = []
         if self._new:
             t0 = time.perf_counter()
             new, self._new = self._new, []
@@ -286,6 +306,7 @@ class SpeculativeEngine:
             n_acc = int(res.num_accepted[i])
             conf = None if prop.confidence is None else prop.confidence[i].tolist()
             r.stats.record(int(lens[i]), n_acc, conf)
+            self.last_round.append((r.rid, int(lens[i]), n_acc))
             r.stats.seconds += share
             runner.commit(r.rid, int(lens[i]), n_acc)
             if feats is not None:

@@ -166,7 +166,7 @@ class PrefixScheduler:
     threshold: float = 0.5
     initial_budget: int = 0
     _budgets: deque = field(default_factory=deque, repr=False)
-    history: list[list[int]] = field(default_factory=list, repr=False)
+    history: deque = field(default_factory=lambda: deque(maxlen=4096), repr=False)  # bounded: servers run for days
 
     def __post_init__(self) -> None:
         if self.policy not in ("none", "static", "threshold", "sync", "async"):

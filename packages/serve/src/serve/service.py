@@ -1,0 +1,317 @@
+"""The serving engine without HTTP: requests in, text deltas out, one step at a time.
+
+:class:`ServeEngine` owns the target, the drafter, the prefix scheduler and a
+:class:`~dspark.engine.SpeculativeEngine` (continuous batching: requests join and leave
+between steps). It tokenizes, enforces the context and token limits, turns token ids
+into text deltas (holding back partial UTF-8 characters and any text that could still
+become a stop string), and keeps the serving metrics. The LitServe layer
+(:mod:`serve.api`) only translates HTTP to :class:`ServeRequest` and events to JSON.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dspark.engine import SpeculativeEngine
+from dspark.errors import InvalidRequestError
+from dspark.generate import GenerationConfig
+from dspark.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """One generation request, already translated from HTTP.
+
+    prompt: raw text (completions; tokenized as is) or token ids; messages: chat turns
+    (rendered with the target's prompt format). Exactly one of the two is set.
+    """
+
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p))
+
+
+@dataclass
+class Event:
+    """What one step produced for one request."""
+
+    uid: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Live:
+    uid: str
+    rid: int
+    prompt_tokens: int
+    stops: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""
+
+
+class ServeMetrics:
+    """Counters and gauges for /metrics (a plain dict snapshot, rendered elsewhere)."""
+
+    def __init__(self, positions: int, window_s: float = 10.0) -> None:
+        self.positions = positions
+        self.requests_total = 0
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0}
+        self.tokens_total = 0
+        self.steps_total = 0
+        self.request_rounds = 0  # sum over steps of the requests verified in that step
+        self.verify_tokens_total = 0  # draft tokens sent to the target
+        self.accepted_total = 0
+        self.reached = [0] * positions  # rounds whose verified prefix reached position k
+        self.accepted_at = [0] * positions  # ... and accepted it
+        self._recent: deque[tuple[float, int]] = deque()
+        self.window_s = window_s
+        self.active = 0
+        self.queued = 0
+
+    def record_step(self, rounds: Sequence[tuple[int, int, int]], new_tokens: int) -> None:
+        now = time.monotonic()
+        self.steps_total += 1
+        self.tokens_total += new_tokens
+        self._recent.append((now, new_tokens))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+        for _rid, verified, accepted in rounds:
+            self.request_rounds += 1
+            self.verify_tokens_total += verified
+            self.accepted_total += accepted
+            for k in range(min(verified, self.positions)):
+                self.reached[k] += 1
+                self.accepted_at[k] += int(k < accepted)
+
+    def tokens_per_second(self) -> float:
+        if len(self._recent) < 2:
+            return 0.0
+        span = self._recent[-1][0] - self._recent[0][0]
+        return sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        rr = max(self.request_rounds, 1)
+        return {
+            "requests_total": self.requests_total,
+            "finished_total": dict(self.finished),
+            "generated_tokens_total": self.tokens_total,
+            "steps_total": self.steps_total,
+            "tau": (self.accepted_total + self.request_rounds) / rr if self.request_rounds else 0.0,
+            "verify_tokens_per_request_step": self.verify_tokens_total / rr if self.request_rounds else 0.0,
+            "acceptance_by_position": [a / n if n else None for a, n in zip(self.accepted_at, self.reached)],
+            "tokens_per_second": self.tokens_per_second(),
+            "active_requests": self.active,
+            "queued_requests": self.queued,
+        }
+
+
+class ServeEngine:
+    """Target + drafter + scheduler, driven by :meth:`step` from one thread.
+
+    :meth:`submit` and :meth:`cancel` may be called from other threads: they only queue
+    work that the next :meth:`step` applies, so the engine itself is never shared.
+    max_batch: most requests decoding at once (the rest wait in order);
+    max_context: prompt + max_tokens must fit; max_tokens_limit: the largest max_tokens.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        drafter: Any,
+        num_draft: int = 7,
+        scheduler: Any = None,
+        max_batch: int = 16,
+        max_context: int = 4096,
+        max_tokens_limit: int = 2048,
+    ) -> None:
+        self.target, self.drafter = target, drafter
+        self.engine = SpeculativeEngine(target, drafter, num_draft=num_draft if drafter is not None else 0, scheduler=scheduler)
+        self.max_batch, self.max_context, self.max_tokens_limit = max_batch, max_context, max_tokens_limit
+        self.metrics = ServeMetrics(max(num_draft, 1))
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[str, ServeRequest, list[int]]] = deque()
+        self._cancels: set[str] = set()
+        self._live: dict[str, _Live] = {}
+        self._by_rid: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ admission
+    def encode(self, req: ServeRequest) -> list[int]:
+        """Prompt token ids; raises InvalidRequestError naming what is wrong."""
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages")
+        if req.messages is not None:
+            ids = self.target.encode_prompt(req.messages)
+        elif isinstance(req.prompt, str):
+            if not req.prompt:
+                raise InvalidRequestError("prompt must not be empty")
+            ids = [int(i) for i in self.target.tokenizer(req.prompt)["input_ids"]]
+        else:
+            ids = [int(i) for i in req.prompt]
+            if not ids:
+                raise InvalidRequestError("prompt must not be empty")
+            bad = [i for i in ids if not 0 <= i < self.target.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt token ids outside [0, {self.target.vocab_size}): {bad[:5]}")
+        return ids
+
+    def validate(self, req: ServeRequest, ids: list[int]) -> None:
+        if not 1 <= req.max_tokens <= self.max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens must be in [1, {self.max_tokens_limit}], got {req.max_tokens}")
+        if len(ids) + req.max_tokens > self.max_context:
+            raise InvalidRequestError(
+                f"this server's context is {self.max_context} tokens; the prompt has {len(ids)} and max_tokens "
+                f"asks for {req.max_tokens} more. Shorten the prompt or lower max_tokens."
+            )
+        req.sampling()  # raises on bad temperature / top_p / top_k
+        if any(not isinstance(s, str) or not s for s in req.stop):
+            raise InvalidRequestError("stop must be a non-empty string or a list of them")
+
+    def submit(self, uid: str, req: ServeRequest) -> int:
+        """Validate and queue a request; returns its prompt length. Thread-safe."""
+        ids = self.encode(req)
+        self.validate(req, ids)
+        with self._lock:
+            self._waiting.append((uid, req, ids))
+            self.metrics.requests_total += 1
+        return len(ids)
+
+    def cancel(self, uid: str) -> None:
+        """Stop a request (client gone); frees its slot at the next step. Thread-safe."""
+        with self._lock:
+            self._cancels.add(uid)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._live)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._live or self._waiting or self._cancels)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[Event]:
+        """Apply cancels, admit waiting requests up to max_batch, run one engine step and
+        return the events (text deltas and finishes) it produced."""
+        events: list[Event] = []
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+            kept = deque()
+            for item in self._waiting:
+                if item[0] in cancels:
+                    events.append(Event(item[0], "", [], "cancelled", len(item[2]), 0))
+                else:
+                    kept.append(item)
+            self._waiting = kept
+            admit = []
+            while self._waiting and len(self._live) + len(admit) < self.max_batch:
+                admit.append(self._waiting.popleft())
+            self.metrics.queued = len(self._waiting)
+        for uid in cancels:
+            live = self._live.pop(uid, None)
+            if live is not None:
+                self.engine.cancel(live.rid)
+                del self._by_rid[live.rid]
+                events.append(Event(uid, "", [], "cancelled", live.prompt_tokens, len(live.ids)))
+        for uid, req, ids in admit:
+            cfg = GenerationConfig(max_new_tokens=req.max_tokens, sampling=req.sampling(), seed=req.seed)
+            rid = self.engine.add_request(ids, cfg, seed=req.seed)
+            self._live[uid] = _Live(uid, rid, len(ids), tuple(req.stop))
+            self._by_rid[rid] = uid
+        for e in events:
+            if e.finish_reason is not None:
+                self.metrics.finished[e.finish_reason] += 1
+        if not self.engine.has_unfinished():
+            self.metrics.active = len(self._live)
+            return events
+        gained = self.engine.step()
+        self.metrics.record_step(self.engine.last_round, sum(len(t) for t in gained.values()))
+        for rid, toks in gained.items():
+            uid = self._by_rid.get(rid)
+            if uid is None:
+                continue
+            ev = self._advance(self._live[uid], toks)
+            events.append(ev)
+            if ev.finish_reason is not None:
+                self.metrics.finished[ev.finish_reason] += 1
+        self.metrics.active = len(self._live)
+        return events
+
+    def _advance(self, live: _Live, toks: list[int]) -> Event:
+        live.ids.extend(toks)
+        r = self.engine._requests[live.rid]
+        finish: FinishReason | None = r.finish_reason
+        text = self.target.decode(live.ids)
+        cut = _find_stop(text, live.stops, max(0, len(live.sent) - max((len(s) for s in live.stops), default=0)))
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        if finish is None:
+            text = text[: len(text) - _held_back(text, live.stops)]
+        delta = text[len(live.sent) :] if text.startswith(live.sent) else ""
+        live.sent += delta
+        if finish is not None:
+            self.engine.cancel(live.rid)  # frees the slot (a no-op cleanup if it already finished)
+            self._live.pop(live.uid, None)
+            self._by_rid.pop(live.rid, None)
+        return Event(live.uid, delta, list(toks), finish, live.prompt_tokens, len(live.ids))
+
+
+def profile_target_sps(target: Any, batch_tokens: Sequence[int], context: int = 256, repeats: int = 5) -> Any:
+    """SPS(B): steps per second of one target verify forward of B tokens after a
+    ``context``-token prefix (KV cache, rolled back after each step)."""
+    import torch
+
+    from dspark.scheduler import profile_sps
+
+    gen = torch.Generator().manual_seed(0)
+    cache = target.new_cache()
+    target.forward(torch.randint(0, target.vocab_size, (1, context), generator=gen), cache, logits="none")
+    target.rollback(cache, 0)
+    blocks = {b: torch.randint(0, target.vocab_size, (1, b), generator=gen) for b in batch_tokens}
+
+    def step(b: int) -> None:
+        target.forward(blocks[b], cache, logits="all")
+        target.rollback(cache, b)
+
+    with torch.inference_mode():
+        return profile_sps(step, list(batch_tokens), repeats=repeats)
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` not to send yet: an incomplete UTF-8 character
+    (decoded as U+FFFD) or a suffix that may still grow into a stop string."""
+    n = 0
+    while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
+        n += 1
+    if n:
+        return n
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best

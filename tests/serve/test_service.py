@@ -1,0 +1,169 @@
+"""ServeEngine without HTTP: greedy identity for every scheduler policy, continuous
+batching with a slot limit, cancellation, stop strings, limits and metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.drafters import NgramDrafter, build_drafter
+from dspark.errors import InvalidRequestError
+from dspark.generate import GenerationConfig, ar_generate
+from dspark.sampling import SamplingParams
+from dspark.scheduler import PrefixScheduler, SPSProfile
+from dspark.target import Target
+from serve.protocol import prometheus_text
+from serve.service import ServeEngine, ServeRequest, _held_back
+from tests.train.tiny_model import make_tiny_model_dir
+
+SPS = SPSProfile([1, 4, 8, 16, 32, 64], [100.0, 95.0, 80.0, 60.0, 40.0, 20.0])
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory) -> Target:
+    return Target.load(str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))), dtype="float32")
+
+
+def prompts(target: Target, n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(4, target.vocab_size, (12,), generator=g).tolist()
+    return [(base * 4)[: 20 + 7 * i] if i % 2 == 0 else torch.randint(4, target.vocab_size, (30 + i,), generator=g).tolist() for i in range(n)]
+
+
+def run_all(svc: ServeEngine, reqs: dict[str, ServeRequest], max_steps: int = 2000) -> dict[str, list]:
+    out: dict[str, list] = {u: [] for u in reqs}
+    for u, r in reqs.items():
+        svc.submit(u, r)
+    for _ in range(max_steps):
+        if not svc.has_work():
+            break
+        for ev in svc.step():
+            out[ev.uid].append(ev)
+    assert not svc.has_work(), "requests did not finish"
+    return out
+
+
+def engine(target, policy: str, max_batch: int = 16) -> ServeEngine:
+    if policy == "none":
+        return ServeEngine(target, None, max_batch=max_batch)
+    if policy == "static":
+        drafter = NgramDrafter(num_tokens=5)
+    else:
+        torch.manual_seed(0)
+        drafter = build_drafter("dspark", target, gamma=5, feature_layers=[0, 1], num_layers=1, mask_token_id=3)
+    sch = PrefixScheduler(policy=policy, sps=SPS, gamma=5, threshold=0.3)
+    return ServeEngine(target, drafter, num_draft=5, scheduler=sch, max_batch=max_batch)
+
+
+@pytest.mark.parametrize("policy", ["none", "static", "threshold", "sync", "async"])
+def test_greedy_identity_every_policy_under_concurrency(target, policy):
+    ps = prompts(target, 6)
+    want = [ar_generate(target, p, GenerationConfig(max_new_tokens=24, sampling=SamplingParams(temperature=0.0), stop_token_ids=[])).tokens for p in ps]
+    svc = engine(target, policy, max_batch=4)  # 6 requests, 4 slots: some join later
+    reqs = {f"r{i}": ServeRequest(prompt=p, max_tokens=24, temperature=0.0) for i, p in enumerate(ps)}
+    got = run_all_no_eos(svc, reqs)
+    for i in range(len(ps)):
+        assert got[f"r{i}"] == want[i], f"request {i} differs from AR under policy {policy}"
+
+
+def run_all_no_eos(svc: ServeEngine, reqs: dict[str, ServeRequest]) -> dict[str, list[int]]:
+    """Like run_all, with end-of-sequence ignored so every request runs to max_tokens."""
+    orig = svc.engine.add_request
+
+    def add(ids, cfg, seed=None):
+        cfg.stop_token_ids = []
+        return orig(ids, cfg, seed)
+
+    svc.engine.add_request = add
+    evs = run_all(svc, reqs)
+    return {u: [t for e in es for t in e.token_ids] for u, es in evs.items()}
+
+
+def test_slot_limit_queue_and_finish_events(target):
+    svc = engine(target, "static", max_batch=2)
+    reqs = {f"r{i}": ServeRequest(prompt=p, max_tokens=6, temperature=1.0, seed=i) for i, p in enumerate(prompts(target, 5))}
+    for u, r in reqs.items():
+        svc.submit(u, r)
+    peak = 0
+    finished = {}
+    while svc.has_work():
+        for ev in svc.step():
+            assert ev.completion_tokens <= 6
+            if ev.finish_reason:
+                finished[ev.uid] = ev
+        peak = max(peak, svc.num_active)
+        assert svc.metrics.queued <= 3
+    assert peak == 2 and set(finished) == set(reqs)
+    assert all(e.finish_reason in ("length", "stop") for e in finished.values())
+    snap = svc.metrics.snapshot()
+    assert snap["requests_total"] == 5 and snap["finished_total"]["length"] + snap["finished_total"]["stop"] == 5
+    assert snap["tau"] >= 1.0 and snap["active_requests"] == 0
+
+
+def test_cancel_frees_the_slot_and_engine_state(target):
+    svc = engine(target, "sync", max_batch=1)
+    ps = prompts(target, 2)
+    svc.submit("a", ServeRequest(prompt=ps[0], max_tokens=200, temperature=1.0, seed=0))
+    svc.submit("b", ServeRequest(prompt=ps[1], max_tokens=3, temperature=1.0, seed=1))
+    svc.step()
+    svc.step()
+    assert svc.num_active == 1 and svc.metrics.queued == 1
+    svc.cancel("a")
+    evs = svc.step()
+    assert any(e.uid == "a" and e.finish_reason == "cancelled" for e in evs)
+    assert "a" not in svc._live and all(r.rid != 0 for r in svc.engine._requests.values())
+    done = []
+    while svc.has_work():
+        done += [e.uid for e in svc.step() if e.finish_reason]
+    assert done == ["b"] and svc.engine._requests == {} and svc._live == {}
+    # a queued request can be cancelled before it ever runs
+    svc.submit("c", ServeRequest(prompt=ps[0], max_tokens=5))
+    svc.cancel("c")
+    assert [e.finish_reason for e in svc.step()] == ["cancelled"]
+
+
+def test_stop_strings_cut_the_text_and_finish(target):
+    svc = engine(target, "none")
+    p = prompts(target, 1)[0]
+    ref = run_all(svc, {"x": ServeRequest(prompt=p, max_tokens=30, temperature=0.0)})["x"]
+    full = "".join(e.text for e in ref)
+    cut = next(i for i in range(1, len(full) - 2) if full.find(full[i : i + 2]) == i)
+    stop = full[cut : cut + 2]
+    svc2 = engine(target, "none")
+    evs = run_all(svc2, {"y": ServeRequest(prompt=p, max_tokens=30, temperature=0.0, stop=(stop,))})["y"]
+    text = "".join(e.text for e in evs)
+    assert text == full[:cut] and evs[-1].finish_reason == "stop" and stop not in text
+
+
+def test_held_back_text():
+    assert _held_back("abc\ufffd", ()) == 1
+    assert _held_back("hello wor", ("world",)) == 3
+    assert _held_back("hello", ("xyz",)) == 0
+
+
+def test_limits_give_clear_errors(target):
+    svc = ServeEngine(target, None, max_context=64, max_tokens_limit=32)
+    with pytest.raises(InvalidRequestError, match="context is 64 tokens"):
+        svc.submit("a", ServeRequest(prompt=list(range(4, 60)), max_tokens=16))
+    with pytest.raises(InvalidRequestError, match="max_tokens must be in"):
+        svc.submit("a", ServeRequest(prompt=[5, 6], max_tokens=33))
+    with pytest.raises(InvalidRequestError, match="outside"):
+        svc.submit("a", ServeRequest(prompt=[5, 10**6], max_tokens=3))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        svc.submit("a", ServeRequest(prompt="", max_tokens=3))
+    with pytest.raises(InvalidRequestError, match="empty prompt"):
+        svc.submit("a", ServeRequest(messages=[{"role": "user", "content": "  "}], max_tokens=3))
+    assert not svc.has_work()
+
+
+def test_prometheus_text_is_well_formed(target):
+    svc = engine(target, "static")
+    run_all(svc, {"a": ServeRequest(prompt=prompts(target, 1)[0], max_tokens=8, temperature=0.0)})
+    text = prometheus_text(svc.metrics.snapshot(), {"inflight_requests": 0})
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    for want in ("dspark_tau", "dspark_acceptance_by_position", "dspark_verify_tokens_per_request_step",
+                 "dspark_tokens_per_second", "dspark_queue_depth", "dspark_http_inflight_requests"):
+        assert want in names
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])  # every sample has a numeric value
