@@ -42,10 +42,13 @@ def _concat_taps(taps: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.
 class _KVRunner:
     """One KV cache per request; invariant: cache r holds seqs[r][:-1] (all but the anchor)."""
 
-    def __init__(self, target: Target, feature_layers: Sequence[int] | None) -> None:
+    def __init__(self, target: Target, feature_layers: Sequence[int] | None, batched: bool | None = None) -> None:
+        from dspark import batch_verify
+
         self.target = target
         self.layers = list(feature_layers) if feature_layers else []
         self.caches: dict[int, object] = {}
+        self.batched = batch_verify.supports(target) if batched is None else batched
 
     def _fwd(self, r: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.target.forward(torch.tensor([ids], device=self.target.device), self.caches[r], logits="all", taps=self.layers)
@@ -62,6 +65,17 @@ class _KVRunner:
         return torch.stack(logits), (feats if self.layers else None)
 
     def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
+        if self.batched and len(rows) > 1:  # one target forward for the whole ragged batch
+            from dspark.batch_verify import batched_forward
+
+            fed = [[seqs[r][-1], *d] for r, d in zip(rows, drafts)]
+            lg, taps = batched_forward(self.target, [self.caches[r] for r in rows], fed, self.layers)
+            out = torch.empty((len(rows), k + 1, lg.shape[-1]), device=lg.device)  # fp32, as the per-request path
+            n = min(k + 1, lg.shape[1])
+            out[:, :n] = lg[:, :n]
+            out[:, n:] = lg[:, n - 1 : n]  # padding, never read by the verifier
+            cat = _concat_taps(taps, self.layers) if self.layers else None
+            return out, ([cat[i, : len(f)] for i, f in enumerate(fed)] if self.layers else None)
         out = torch.empty((len(rows), k + 1, self.target.vocab_size), device=self.target.device)
         feats = []
         for i, (r, d) in enumerate(zip(rows, drafts)):
@@ -143,6 +157,8 @@ class SpeculativeEngine:
     num_draft: the most draft tokens verified per request per round (gamma).
     scheduler: optionally trims each request's draft to the verify length a
         :class:`~dspark.scheduler.PrefixScheduler` picks from the drafter's confidences.
+    batch_verify: verify all requests in one target forward (:mod:`dspark.batch_verify`);
+        None picks it whenever the target supports it, False forces one forward each.
     """
 
     def __init__(
@@ -152,6 +168,7 @@ class SpeculativeEngine:
         num_draft: int = 7,
         cache_mode: CacheMode = "kv",
         scheduler: PrefixScheduler | None = None,
+        batch_verify: bool | None = None,
     ) -> None:
         if num_draft < 0:
             raise ValueError(f"num_draft must be >= 0, got {num_draft}")
@@ -159,6 +176,7 @@ class SpeculativeEngine:
             raise ValueError(f"cache_mode must be kv or recompute, got {cache_mode!r}")
         self.target, self.drafter, self.num_draft, self.cache_mode = target, drafter, num_draft, cache_mode
         self.scheduler = scheduler
+        self.batch_verify = batch_verify  # None: one forward per step where the target supports it
         self._requests: dict[int, _Request] = {}
         self._new: list[int] = []
         self._next_id = 0
@@ -188,7 +206,10 @@ class SpeculativeEngine:
     def _runner(self):
         if self._run is None:
             layers = getattr(self.drafter, "feature_layers", None)
-            self._run = (_KVRunner if self.cache_mode == "kv" else _RecomputeRunner)(self.target, layers)
+            if self.cache_mode == "kv":
+                self._run = _KVRunner(self.target, layers, batched=self.batch_verify)
+            else:
+                self._run = _RecomputeRunner(self.target, layers)
         return self._run
 
     def add_request(self, prompt_ids: Sequence[int], cfg: GenerationConfig, seed: int | None = None) -> int:

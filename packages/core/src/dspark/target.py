@@ -228,6 +228,7 @@ class Target:
         logits: str = "all",
         taps: Sequence[int] = (),
         final_hidden: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> TargetOutput:
         """Run the target over new tokens.
 
@@ -236,6 +237,8 @@ class Target:
             so right padding never changes earlier positions' outputs).
         logits: "all" -> [B, n, V]; "last" -> [B, 1, V]; "none" -> no LM head.
         taps: decoder layer indices (0-based, negative allowed) whose outputs to return.
+        model_kwargs: passed to the decoder as is (``attention_mask``, ``position_ids``:
+            see :mod:`dspark.batch_verify`).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, n], got shape {tuple(input_ids.shape)}")
@@ -257,6 +260,7 @@ class Target:
                 input_ids=input_ids.to(self.device),
                 use_cache=cache is not None,
                 **{self._cache_kw: cache},
+                **(model_kwargs or {}),
             )
         finally:
             for h in hooks:
