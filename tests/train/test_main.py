@@ -47,9 +47,12 @@ def train(tmp: Path, *overrides: str, timeout: int = 300) -> subprocess.Complete
 @pytest.mark.parametrize("drafter", ["dspark", "dflash", "eagle3"])
 def test_tiny_end_to_end(tmp_path, tiny_dir, drafter):
     out = tmp_path / "out"
-    common = (f"experiment=tiny_{drafter}", f"target.path={tiny_dir}", f"output_dir={out}")
+    mode = "online" if drafter == "eagle3" else "offline"  # both feature modes run end to end
+    common = (f"experiment=tiny_{drafter}", f"target.path={tiny_dir}", f"output_dir={out}", f"trainer.features={mode}")
     proc = train(tmp_path, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("[train] features: " in proc.stdout) == (mode == "offline")
+    assert (tmp_path / "features").exists() == (mode == "offline")
     assert (out / "drafter" / "config.json").exists() and (out / "tau.md").exists()
     results = json.loads((out / "evaluate.done.json").read_text())["results"]
     assert set(results) == {"T=1", "T=0"} and results["T=1"]["gsm8k"]["tau"] >= 1.0

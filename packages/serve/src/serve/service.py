@@ -112,6 +112,9 @@ class ServeMetrics:
         rr = max(self.request_rounds, 1)
         return {
             "requests_total": self.requests_total,
+            "request_rounds_total": self.request_rounds,
+            "verify_tokens_total": self.verify_tokens_total,
+            "accepted_tokens_total": self.accepted_total,
             "finished_total": dict(self.finished),
             "generated_tokens_total": self.tokens_total,
             "steps_total": self.steps_total,

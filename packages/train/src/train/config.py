@@ -44,7 +44,8 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.max_steps", int(cfg.trainer.max_steps) >= 1, ">= 1"),
         ("trainer.batch_size", int(cfg.trainer.batch_size) >= 1, ">= 1"),
         ("trainer.lr", float(cfg.trainer.lr) > 0, "> 0"),
-        ("trainer.features", cfg.trainer.features in ("online",), "online (the offline cache is not implemented yet)"),
+        ("trainer.features", cfg.trainer.features in ("offline", "online"), "offline or online"),
+        ("trainer.feature_storage", cfg.trainer.get("feature_storage", "bfloat16") in ("bfloat16", "float8_e4m3fn"), "bfloat16 or float8_e4m3fn"),
         ("eval.temperatures", all(float(t) >= 0 for t in cfg.eval.temperatures), ">= 0"),
     ]
     for key, ok, want in checks:

@@ -14,25 +14,40 @@ from train.module import DistillModule
 
 
 class ExampleDataset(Dataset):
-    def __init__(self, examples: list[Example]) -> None:
-        self.examples = examples
+    """Examples, with their cached target features when a FeatureCache is given."""
+
+    def __init__(self, examples: list[Example], cache: Any = None) -> None:
+        self.examples, self.cache = examples, cache
+        if cache is not None:
+            cache.check(examples)
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
+    def __getitem__(self, i: int) -> Any:
+        return self.examples[i] if self.cache is None else (self.examples[i], *self.cache[i])
 
 
-def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
-    """Right-pad token ids (0) and loss masks (0) to the longest example."""
-    T = max(len(e.input_ids) for e in batch)
-    ids = torch.zeros(len(batch), T, dtype=torch.long)
-    mask = torch.zeros(len(batch), T, dtype=torch.long)
-    for i, e in enumerate(batch):
+def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
+    """Right-pad token ids (0), loss masks (0) and cached features (0) to the longest example."""
+    cached = isinstance(batch[0], tuple)
+    exs = [b[0] for b in batch] if cached else batch
+    T = max(len(e.input_ids) for e in exs)
+    ids = torch.zeros(len(exs), T, dtype=torch.long)
+    mask = torch.zeros(len(exs), T, dtype=torch.long)
+    for i, e in enumerate(exs):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.loss_mask)] = torch.tensor(e.loss_mask)
-    return {"input_ids": ids, "loss_mask": mask}
+    out = {"input_ids": ids, "loss_mask": mask}
+    if cached:
+        f0, h0 = batch[0][1], batch[0][2]
+        feats = f0.new_zeros((len(exs), T, f0.shape[-1]))
+        final = h0.new_zeros((len(exs), T, h0.shape[-1]))
+        for i, (_, f, h) in enumerate(batch):
+            feats[i, : f.shape[0]] = f
+            final[i, : h.shape[0]] = h
+        out.update(feats=feats, final=final)
+    return out
 
 
 def fit(
@@ -47,13 +62,16 @@ def fit(
     logger: Any = False,
     seed: int = 0,
     progress: bool = True,
+    features: Any = None,
 ) -> Path:
     """Train for ``max_steps`` optimiser steps; resumes from ``out_dir/last.ckpt`` if an
-    earlier run was interrupted. Returns the path of the last Lightning checkpoint."""
+    earlier run was interrupted. ``features``: a :class:`train.features.FeatureCache`
+    (offline mode) or None (the module runs the target in the step). Returns the path of
+    the last Lightning checkpoint."""
     L.seed_everything(seed, workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(
-        ExampleDataset(examples), batch_size=batch_size, shuffle=True, collate_fn=collate,
+        ExampleDataset(examples, features), batch_size=batch_size, shuffle=True, collate_fn=collate,
         generator=torch.Generator().manual_seed(seed), drop_last=len(examples) > batch_size,
     )
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_train_steps=ckpt_every, save_top_k=0)

@@ -1,4 +1,4 @@
-"""``run(cfg)``: prompts -> responses -> (online) target features -> Lightning distillation
+"""``run(cfg)``: prompts -> responses -> target features (offline cache or online) -> Lightning distillation
 -> STS calibration -> evaluation -> drafter checkpoint, tracked in MLflow.
 
 Every stage writes its result under ``cfg.output_dir`` with a stamp holding a hash of the
@@ -124,10 +124,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _log(f"examples: {len(examples)}, {sup} supervised of {tot} tokens")
         mlflow.log_metrics({"data_examples": len(examples), "data_supervised_tokens": sup})
 
-        # 3-4. features (online) + distillation ----------------------------------------
-        fit_key = _hash(cfg.target, cfg.drafter, cfg.data, cfg.trainer, cfg.seed)
+        # 3. target features (offline cache, shared across experiments) ---------------
+        fit_key = _hash(cfg.target, cfg.drafter, cfg.data, _trainer_key(cfg.trainer), cfg.seed)
         fit_stage = Stage(out, "fit", fit_key)
         ckpt_dir = out / "drafter"
+        features = None
+        if cfg.trainer.features == "offline" and not (fit_stage.done() and ckpt_dir.exists()):
+            from train.features import FeatureCache, build
+
+            t_f = time.perf_counter()
+            fdir = build(target, examples, list(dc.feature_layers), out.parent / "features", storage=cfg.trainer.feature_storage,
+                         shard_tokens=cfg.trainer.feature_shard_tokens, progress=cfg.progress)
+            features = FeatureCache(fdir, dtype=target.dtype)
+            fm = features.m
+            _log(f"features: {fdir} ({fm['num_tokens']} tokens, {fm['bytes_per_token']} B/token {fm['storage']}; "
+                 f"published layout 6 + 2(m+1)d = {fm['published_bytes_per_token']} B/token; {time.perf_counter() - t_f:.0f} s)")
+            mlflow.log_metrics({"features_bytes_per_token": fm["bytes_per_token"], "features_total_gib": fm["bytes_total"] / 2**30})
+            mlflow.set_tag("features_dir", str(fdir))
+
+        # 4. distillation --------------------------------------------------------------
         if fit_stage.done() and ckpt_dir.exists():
             _log("fit: done for this config, skipped")
             drafter = load_drafter(str(ckpt_dir), target)
@@ -150,7 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             fit(
                 module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size,
                 precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip, ckpt_every=cfg.trainer.ckpt_every,
-                logger=logger, seed=cfg.seed, progress=cfg.progress,
+                logger=logger, seed=cfg.seed, progress=cfg.progress, features=features,
             )
             drafter = module.drafter.float().eval()
             if ckpt_dir.exists():
@@ -236,6 +251,16 @@ def _per_position_plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _trainer_key(tr: DictConfig) -> dict:
+    """The trainer settings a trained drafter depends on: sharding never changes the
+    features, and the storage type only matters when features come from the cache."""
+    d = OmegaConf.to_container(tr, resolve=True)
+    d.pop("feature_shard_tokens", None)
+    if d.get("features") != "offline":
+        d.pop("feature_storage", None)
+    return d
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

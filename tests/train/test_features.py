@@ -1,0 +1,131 @@
+"""The offline target-feature cache: exact bf16 round trip, fp8 within its precision,
+sharding, sharing between experiments, and failure safety (disk full, no space,
+truncated shard, examples that do not match)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from tests.tiny import tiny_gemma3
+from train import features as F
+from train.data import Example
+from train.fit import ExampleDataset, collate
+
+LAYERS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_gemma3(vocab=64, layers=3)
+
+
+def examples(n=7):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        L = 5 + 3 * i
+        out.append(Example(f"e{i}", torch.randint(4, 64, (L,), generator=g).tolist(), [0] * 2 + [1] * (L - 2)))
+    return out
+
+
+def solo(target, e):
+    r = target.forward(torch.tensor([e.input_ids]), taps=LAYERS, final_hidden=True, logits="none")
+    return torch.cat([r.taps[i] for i in LAYERS], -1)[0], r.final_hidden[0]
+
+
+def test_bf16_round_trip_is_exact_and_sharded(target, tmp_path):
+    exs = examples()
+    path = F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, batch_size=3, progress=False)
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["shards"] > 1 and m["num_tokens"] == sum(len(e.input_ids) for e in exs)
+    d = target.hidden_size
+    assert m["bytes_per_token"] == 2 * 3 * d and m["published_bytes_per_token"] == 6 + 2 * 3 * d
+    cache = F.FeatureCache(path, dtype=torch.float32)
+    cache.check(exs)
+    for i, e in enumerate(exs):
+        f, h = cache[i]
+        wf, wh = solo(target, e)
+        assert torch.equal(f, wf.to(torch.bfloat16).float()) and torch.equal(h, wh.to(torch.bfloat16).float())
+    # the same target + data + layers is the same cache: a second build computes nothing
+    stamp = (path / "shard-00000.bin").stat().st_mtime_ns
+    assert F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, progress=False) == path
+    assert (path / "shard-00000.bin").stat().st_mtime_ns == stamp
+    # other data -> another cache
+    assert F.build(target, exs[:3], LAYERS, tmp_path, shard_tokens=40, progress=False) != path
+
+
+def test_fp8_storage_halves_the_bytes_within_e4m3_precision(target, tmp_path):
+    exs = examples(3)
+    path = F.build(target, exs, LAYERS, tmp_path, storage="float8_e4m3fn", progress=False)
+    cache = F.FeatureCache(path, dtype=torch.float32)
+    assert cache.m["bytes_per_token"] == 3 * (target.hidden_size + 4)
+    for i, e in enumerate(exs):
+        f, _ = cache[i]
+        wf, _ = solo(target, e)
+        err = (f - wf).abs() / wf.abs().amax(-1, keepdim=True)
+        assert float(err.max()) <= 2**-4 + 1e-6  # e4m3: 3 mantissa bits, scaled per row and layer
+    with pytest.raises(F.FeatureCacheError, match="feature_storage"):
+        F.build(target, exs, LAYERS, tmp_path, storage="int4", progress=False)
+
+
+def test_disk_full_leaves_no_shard_and_a_rerun_finishes(target, tmp_path, monkeypatch):
+    exs = examples()
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second shard hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(F.os, "fsync", fsync)
+    with pytest.raises(F.FeatureCacheError, match="disk full while writing feature shard shard-00001.bin"):
+        F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, progress=False)
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["shard-00000.bin", "shard-00000.json"]  # no half-written shard, no tmp, no manifest
+    with pytest.raises(F.FeatureCacheError, match="never finished"):
+        F.FeatureCache(path)
+    monkeypatch.setattr(F.os, "fsync", real_fsync)
+    stamp = (path / "shard-00000.bin").stat().st_mtime_ns
+    assert F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, progress=False) == path
+    assert (path / "shard-00000.bin").stat().st_mtime_ns == stamp  # the finished shard was kept
+    cache = F.FeatureCache(path, dtype=torch.float32)
+    f, _ = cache[len(exs) - 1]
+    assert torch.equal(f, solo(target, exs[-1])[0].to(torch.bfloat16).float())
+
+
+def test_too_little_free_space_is_refused_before_writing(target, tmp_path, monkeypatch):
+    monkeypatch.setattr(F.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    with pytest.raises(F.FeatureCacheError, match="not enough disk space"):
+        F.build(target, examples(2), LAYERS, tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_damaged_or_mismatching_cache_is_refused(target, tmp_path):
+    exs = examples(4)
+    path = F.build(target, exs, LAYERS, tmp_path, shard_tokens=20, progress=False)
+    with pytest.raises(F.FeatureCacheError, match="holds 4 examples"):
+        F.FeatureCache(path).check(exs[:3])
+    other = [Example(e.id, e.input_ids + [5], e.loss_mask + [1]) for e in exs]
+    with pytest.raises(F.FeatureCacheError, match="does not match example 0"):
+        F.FeatureCache(path).check(other)
+    shard = path / "shard-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(F.FeatureCacheError, match="wrong size"):
+        F.FeatureCache(path)
+
+
+def test_collate_pads_cached_features(target, tmp_path):
+    exs = examples(3)
+    cache = F.FeatureCache(F.build(target, exs, LAYERS, tmp_path, progress=False))
+    batch = collate([ExampleDataset(exs, cache)[i] for i in range(3)])
+    T = max(len(e.input_ids) for e in exs)
+    assert batch["feats"].shape == (3, T, 2 * target.hidden_size) and batch["final"].shape == (3, T, target.hidden_size)
+    assert batch["feats"].dtype == torch.bfloat16 and float(batch["feats"][0, len(exs[0].input_ids):].abs().sum()) == 0

@@ -1,0 +1,206 @@
+"""Load benchmark of `python -m serve`: scheduler policies x concurrency, on loopback.
+
+    python tools/bench_serve.py --drafter outputs/gemma_dspark/drafter
+    python tools/bench_serve.py --drafter outputs/gemma_dspark/drafter --concurrency 1 4 16 \\
+        --policies none static:3 static:7 sync async --max-tokens 64
+
+For every policy a fresh server is started (same target, same drafter); for every
+concurrency c, c streaming clients send a fixed list of benchmark prompts (first turns,
+round-robin over the benchmark files) with a fixed max_tokens and temperature, one
+request after another. Reported per (policy, c): aggregate tokens/s (all completion
+tokens / wall time), per-user tokens/s (each request's tokens / its latency, averaged),
+mean verify tokens per request per step and tau (from the server's /metrics counters),
+and errors. Prints a markdown table and writes a plot (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, policy: str, gamma: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    drafter = "none" if policy == "none" else args.drafter
+    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--target", args.target, "--dtype", args.dtype,
+           "--drafter", drafter, "--policy", policy, "--gamma", str(gamma), "--model-name", "bench",
+           "--max-batch", str(max(args.concurrency)), "--max-queue", "64", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for {policy} exited:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).text == "ok":
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server for {policy} not ready:\n{log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=15)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
+def counters(base: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def one_request(base: str, prompt: str, args, seed: int) -> tuple[int, float, int]:
+    """-> (completion tokens, seconds, http status)"""
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    tokens = 0
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            r.read()
+            return 0, time.perf_counter() - t0, r.status_code
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                obj = json.loads(line[6:])
+                if obj.get("usage"):
+                    tokens = obj["usage"]["completion_tokens"]
+    return tokens, time.perf_counter() - t0, 200
+
+
+def run_level(base: str, prompts: list[str], c: int, args) -> dict:
+    n = max(args.requests_per_client * c, args.min_requests)
+    work = [(prompts[i % len(prompts)], i) for i in range(n)]
+    before = counters(base)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(c) as ex:
+        res = list(ex.map(lambda w: one_request(base, w[0], args, w[1]), work))
+    wall = time.perf_counter() - t0
+    after = counters(base)
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    ok = [(t, s) for t, s, code in res if code == 200]
+    rounds = d.get("dspark_request_rounds_total", 0)
+    return {
+        "requests": n,
+        "errors": n - len(ok),
+        "agg_tps": sum(t for t, _ in ok) / wall,
+        "user_tps": statistics.mean(t / s for t, s in ok) if ok else 0.0,
+        "verify_per_req_step": d.get("dspark_verify_tokens_total", 0) / rounds if rounds else 0.0,
+        "tau": (d.get("dspark_accepted_tokens_total", 0) + rounds) / rounds if rounds else 1.0,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="gemma3-270m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--drafter", required=True, help="drafter directory (or ngram)")
+    ap.add_argument("--policies", nargs="+", default=["none", "static:2", "static:4", "static:7", "sync", "async"],
+                    help="none | static:G | threshold | sync | async (sync/async/threshold use gamma --gamma)")
+    ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=32, help="distinct benchmark prompts (round-robin over the files)")
+    ap.add_argument("--plot", default="docs/img/bench_serve.png")
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    args = ap.parse_args()
+
+    from dspark.benchmarks import BENCHMARKS, load_first_turns
+
+    per = max(1, args.prompts // len(BENCHMARKS))
+    lists = [load_first_turns(b, per) for b in BENCHMARKS]
+    prompts = [p for group in zip(*lists) for p in group][: args.prompts]
+    logdir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    results: dict[str, dict[int, dict]] = {}
+    for pol in args.policies:
+        name, _, g = pol.partition(":")
+        gamma = int(g) if g else args.gamma
+        proc, base = start(args, name, gamma, logdir / f"{pol.replace(':', '_')}.log")
+        try:
+            one_request(base, prompts[0], args, 0)  # warm-up
+            results[pol] = {}
+            for c in args.concurrency:
+                r = run_level(base, prompts, c, args)
+                results[pol][c] = r
+                print(f"{pol:>10} c={c:>2}: {r['agg_tps']:6.1f} tok/s aggregate, {r['user_tps']:5.1f} per user, "
+                      f"verify {r['verify_per_req_step']:.2f}/req/step, tau {r['tau']:.2f}, errors {r['errors']}", flush=True)
+        finally:
+            stop(proc)
+
+    cpu = platform.processor() or platform.machine()
+    print(f"\n`python tools/bench_serve.py {' '.join(sys.argv[1:])}`  ")
+    print(f"{dt.date.today()}, {cpu}, {os.cpu_count()} CPUs, target {args.target} {args.dtype}, drafter {args.drafter}, "
+          f"T={args.temperature}, max_tokens {args.max_tokens}\n")
+    cs = args.concurrency
+    print("| policy | " + " | ".join(f"c={c} agg / user tok/s" for c in cs) + " |")
+    print("|---|" + "---|" * len(cs))
+    for pol, rows in results.items():
+        print(f"| {pol} | " + " | ".join(f"{rows[c]['agg_tps']:.1f} / {rows[c]['user_tps']:.1f}" for c in cs) + " |")
+    print("\nMean verify tokens per request per step (tau in brackets):\n")
+    print("| policy | " + " | ".join(f"c={c}" for c in cs) + " |")
+    print("|---|" + "---|" * len(cs))
+    for pol, rows in results.items():
+        print(f"| {pol} | " + " | ".join(f"{rows[c]['verify_per_req_step']:.2f} ({rows[c]['tau']:.2f})" for c in cs) + " |")
+    errs = sum(r["errors"] for rows in results.values() for r in rows.values())
+    print(f"\nerrors: {errs}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        for pol, rows in results.items():
+            axes[0].plot(cs, [rows[c]["agg_tps"] for c in cs], marker="o", label=pol)
+            axes[1].plot(cs, [rows[c]["user_tps"] for c in cs], marker="o", label=pol)
+            axes[2].plot(cs, [rows[c]["verify_per_req_step"] for c in cs], marker="o", label=pol)
+        for ax, title in zip(axes, ["aggregate tokens/s", "per-user tokens/s", "verify tokens / request / step"]):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(cs, [str(c) for c in cs])
+            ax.set_xlabel("concurrent clients")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=110)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
