@@ -39,12 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args, policy: str, gamma: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(args, policy: str, gamma: int, log: Path, gate: bool = True) -> tuple[subprocess.Popen, str]:
     port = free_port()
     drafter = "none" if policy == "none" else args.drafter
     cmd = [sys.executable, "-m", "serve", "--port", str(port), "--target", args.target, "--dtype", args.dtype,
            "--drafter", drafter, "--policy", policy, "--gamma", str(gamma), "--model-name", "bench",
            "--max-batch", str(max(args.concurrency)), "--max-queue", "64", "--log-level", "warning"]
+    if not gate:
+        cmd.append("--no-draft-gate")
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -125,8 +127,8 @@ def main() -> None:
     ap.add_argument("--target", default="gemma3-270m")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--drafter", required=True, help="drafter directory (or ngram)")
-    ap.add_argument("--policies", nargs="+", default=["none", "static:2", "static:4", "static:7", "sync", "async"],
-                    help="none | static:G | threshold | sync | async (sync/async/threshold use gamma --gamma)")
+    ap.add_argument("--policies", nargs="+", default=["none", "static:1", "static:3", "static:7", "sync", "sync/nogate", "async"],
+                    help="none | static:G | threshold | sync | async, optionally /nogate (sync/async without draft gating)")
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -146,9 +148,10 @@ def main() -> None:
     logdir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     results: dict[str, dict[int, dict]] = {}
     for pol in args.policies:
-        name, _, g = pol.partition(":")
+        base_pol, _, flag = pol.partition("/")
+        name, _, g = base_pol.partition(":")
         gamma = int(g) if g else args.gamma
-        proc, base = start(args, name, gamma, logdir / f"{pol.replace(':', '_')}.log")
+        proc, base = start(args, name, gamma, logdir / f"{pol.replace(':', '_').replace('/', '_')}.log", gate=flag != "nogate")
         try:
             one_request(base, prompts[0], args, 0)  # warm-up
             results[pol] = {}

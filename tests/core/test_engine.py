@@ -161,3 +161,25 @@ def test_mixed_sampling_params_in_one_batch(target):
         r = eng.add_request(PROMPTS[1], greedy)
         eng.step()
         eng.pop_result(r)
+
+
+def test_skipped_drafting_steps_keep_greedy_identity_and_drafter_context():
+    """Steps that skip drafting (draft gating) hand the drafter all the features it
+    missed when it drafts again; the output stays the AR output."""
+    from dspark.drafters import build_drafter
+    from dspark.scheduler import PrefixScheduler, SPSProfile
+    from tests.tiny import tiny_gemma3
+
+    t = tiny_gemma3(vocab=64)
+    torch.manual_seed(0)
+    drafter = build_drafter("dspark", t, gamma=4, feature_layers=[0, 1], num_layers=1, mask_token_id=3)
+    sch = PrefixScheduler(policy="sync", sps=SPSProfile([1, 64], [10.0, 10.0]), draft_gate=True)
+    pattern = iter([True, False, False, True, False, True, True, False] * 50)
+    sch.should_draft = lambda R: next(pattern)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 64, (n,), generator=g).tolist() for n in (9, 15, 4)]
+    cfg = GenerationConfig(max_new_tokens=20, sampling=SamplingParams(temperature=0.0), stop_token_ids=[])
+    want = [ar_generate(t, p, cfg).tokens for p in prompts]
+    got = SpeculativeEngine(t, drafter, num_draft=4, scheduler=sch).generate(prompts, cfg)
+    assert [r.tokens for r in got] == want
+    assert any(n == 0 for r in got for n in r.stats.draft_lens)  # some steps really skipped drafting

@@ -227,3 +227,16 @@ def test_sps_cache_round_trip_and_monotone(tmp_path):
     assert len(calls) == 2
     cached_sps({**key, "dtype": "fp32"}, measure, tmp_path)
     assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_draft_gate_skips_drafting_when_plain_decoding_is_faster_and_probes_again():
+    flat = SPSProfile([1, 64], [10.0, 10.0])  # a verify step costs 0.1 s whatever its size
+    sch = PrefixScheduler(policy="sync", sps=flat, draft_gate=True, probe_every=3)
+    assert sch.should_draft(4)  # nothing observed yet
+    surv = [torch.tensor([0.5, 0.25])] * 4
+    sch.observe(0.5, surv, [2, 2, 2, 2])  # drafting costs 5 verify steps for +0.75 token/request
+    assert [sch.should_draft(4) for _ in range(4)] == [False, False, False, True]  # the 4th probes
+    sch.observe(0.001, surv, [2, 2, 2, 2])  # cheap drafts: (1.75 tokens) / 0.1 s beats 1 / 0.1 s
+    sch._draft_s = 0.001
+    assert sch.should_draft(4)
+    assert PrefixScheduler(policy="static", gamma=3, draft_gate=True).should_draft(4)  # baselines never gate

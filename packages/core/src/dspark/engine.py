@@ -189,7 +189,7 @@ class SpeculativeEngine:
             return Proposal(torch.zeros((n, 0), dtype=torch.long), torch.zeros(n, dtype=torch.long))
         return self.drafter.propose(state)
 
-    def _schedule(self, prop: Proposal, lens: torch.Tensor, active: list[int]) -> torch.Tensor:
+    def _schedule(self, prop: Proposal, lens: torch.Tensor, active: list[int], draft_s: float = 0.0) -> torch.Tensor:
         if prop.confidence is None and self.scheduler.needs_confidence:
             raise ValueError(
                 f"scheduler policy {self.scheduler.policy!r} needs drafter confidences; "
@@ -199,8 +199,9 @@ class SpeculativeEngine:
             torch.cumprod(prop.confidence[i, : int(n)].float().cpu(), 0) if prop.confidence is not None else torch.ones(int(n))
             for i, n in enumerate(lens)
         ]
-        chosen = torch.tensor(self.scheduler.verify_lengths(survival, active), dtype=torch.long)
-        return torch.minimum(lens, chosen)
+        chosen = torch.minimum(lens, torch.tensor(self.scheduler.verify_lengths(survival, active), dtype=torch.long))
+        self.scheduler.observe(draft_s, survival, chosen.tolist())
+        return chosen
 
     # ------------------------------------------------------------------ continuous batching
     def _runner(self):
@@ -305,18 +306,22 @@ class SpeculativeEngine:
         room = torch.tensor([r.cfg.max_new_tokens - len(r.out) - 1 for r in reqs])
         gens = [r.gen for r in reqs] if all(r.gen is not None for r in reqs) else None
         needs_feats = getattr(self.drafter, "feature_layers", None)
-        state = DraftState(
-            [r.seq for r in reqs],
-            ids,
-            min(self.num_draft, int(room.max())),
-            params,
-            gens,
-            [r.take_pending() for r in reqs] if needs_feats else None,
-        )
-        prop = self._propose(state)
+        max_draft = min(self.num_draft, int(room.max()))
+        if self.scheduler is not None and not self.scheduler.should_draft(len(reqs)):
+            max_draft = 0  # plain decoding this step; the drafter catches up on its features later
+        t_d = time.perf_counter()
+        if max_draft == 0:
+            prop = self._propose(DraftState([r.seq for r in reqs], ids, 0, params, gens, None))
+        else:
+            state = DraftState(
+                [r.seq for r in reqs], ids, max_draft, params, gens,
+                [r.take_pending() for r in reqs] if needs_feats else None,
+            )
+            prop = self._propose(state)
+        t_d = time.perf_counter() - t_d
         lens = torch.minimum(prop.lens.cpu(), room)
         if self.scheduler is not None and bool((lens > 0).any()):
-            lens = self._schedule(prop, lens, ids)
+            lens = self._schedule(prop, lens, ids, t_d)
         k = prop.tokens.shape[1]
         drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(reqs))]
         logits, feats = runner.score(ids, seqs, drafts, k)
@@ -330,8 +335,9 @@ class SpeculativeEngine:
             self.last_round.append((r.rid, int(lens[i]), n_acc))
             r.stats.seconds += share
             runner.commit(r.rid, int(lens[i]), n_acc)
-            if feats is not None:
-                r.pending = feats[i][: n_acc + 1]  # the anchor and the accepted drafts
+            if feats is not None:  # the anchor and the accepted drafts, after anything not yet seen
+                new_f = feats[i][: n_acc + 1]
+                r.pending = new_f if r.pending is None else torch.cat([r.pending, new_f])
             new = res.emitted(i)
             cut = next((j + 1 for j, t in enumerate(new) if t in r.stops), None)  # first stop token ends it
             new = new if cut is None else new[:cut]

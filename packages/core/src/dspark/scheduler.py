@@ -17,6 +17,15 @@ Policies:
   confidences of two steps earlier (global search, no early stop), and this step admits
   its top-K candidates. K cannot depend on the current tokens, so this is lossless too.
 
+Draft gating (``draft_gate=True``, sync / async only): on hardware where drafting costs a
+sizeable part of a step (CPUs), a step that drafts can be slower than a plain AR step
+even when verification is nearly free. Before each step the scheduler compares the
+throughput it expects with drafting, (expected accepted tokens + R) / (draft time +
+1/SPS(B)), against plain decoding, R x SPS(R), using the last drafted step's admitted
+survival mass and the measured draft time; it skips drafting when AR is faster, and
+drafts again every ``probe_every`` skipped steps to refresh the estimate. The decision
+uses only earlier steps, so the output distribution is unchanged.
+
 A retrospective global search on the *current* confidences is not offered: it lets
 a_{r,j+1}, which depends on draft j, decide whether draft j is verified, which biases
 the output (DSpark paper, Appendix A; ``tests/core/test_scheduler.py`` shows the bias).
@@ -165,7 +174,12 @@ class PrefixScheduler:
     gamma: int = 7
     threshold: float = 0.5
     initial_budget: int = 0
+    draft_gate: bool = False
+    probe_every: int = 8
     _budgets: deque = field(default_factory=deque, repr=False)
+    _draft_s: float | None = field(default=None, repr=False)  # EMA of seconds per draft call
+    _per_req: tuple[float, float] | None = field(default=None, repr=False)  # (expected accepted, verified) per request
+    _skipped: int = field(default=0, repr=False)
     history: deque = field(default_factory=lambda: deque(maxlen=4096), repr=False)  # bounded: servers run for days
 
     def __post_init__(self) -> None:
@@ -175,6 +189,30 @@ class PrefixScheduler:
             raise ValueError(f"scheduler policy {self.policy!r} needs an SPS profile (sps=)")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    # ------------------------------------------------------------------ draft gating
+    def should_draft(self, num_requests: int) -> bool:
+        """Whether the next step should draft at all (see the module docstring)."""
+        if not self.draft_gate or self.policy not in ("sync", "async") or self._draft_s is None or self._per_req is None:
+            return True
+        if self._skipped >= self.probe_every:
+            self._skipped = 0
+            return True
+        R = num_requests
+        acc, ver = self._per_req
+        spec = R * (1 + acc) / (self._draft_s + 1 / self.sps(max(1, round(R * (1 + ver)))))
+        ar = R * self.sps(R)
+        if spec > ar:
+            return True
+        self._skipped += 1
+        return False
+
+    def observe(self, draft_seconds: float, survival: Sequence[torch.Tensor], lens: Sequence[int]) -> None:
+        """After a drafted step: its draft time and the survival mass it admitted."""
+        self._draft_s = draft_seconds if self._draft_s is None else 0.7 * self._draft_s + 0.3 * draft_seconds
+        R = max(1, len(lens))
+        acc = sum(float(s[: int(n)].sum()) for s, n in zip(survival, lens)) / R
+        self._per_req = (acc, sum(int(n) for n in lens) / R)
 
     @property
     def needs_confidence(self) -> bool:
@@ -223,3 +261,4 @@ class PrefixScheduler:
     def reset(self) -> None:
         self._budgets.clear()
         self.history.clear()
+        self._draft_s, self._per_req, self._skipped = None, None, 0

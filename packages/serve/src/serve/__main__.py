@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--api-key", default=os.environ.get("DSPARK_API_KEY"), help="require this bearer token (env DSPARK_API_KEY)")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--no-draft-gate", action="store_true",
+                    help="sync/async: always draft (by default a step skips drafting when plain decoding is expected to be faster)")
     ap.add_argument("--sps-refresh", action="store_true", help="re-profile SPS(B) instead of loading the cached profile")
     ap.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             target=args.target, dtype=args.dtype, drafter=args.drafter, policy=args.policy, gamma=args.gamma,
             threshold=args.threshold, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
             max_tokens_limit=args.max_tokens_limit, model_name=args.model_name, api_key=args.api_key,
-            sps_refresh=args.sps_refresh,
+            sps_refresh=args.sps_refresh, draft_gate=not args.no_draft_gate,
         )
     except ValueError as e:
         print(f"[serve] {e}", file=sys.stderr)

@@ -52,6 +52,7 @@ class ServeSettings:
     max_tokens_limit: int = 2048
     model_name: str = ""
     api_key: str | None = None
+    draft_gate: bool = True  # sync / async: skip drafting in steps where plain decoding is expected to be faster
     sps_refresh: bool = False
     sps_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     metrics_file: str = ""
@@ -101,7 +102,7 @@ def build_service(s: ServeSettings, device: str = "cpu"):
             sps = cached_sps(key, lambda: profile_target_sps(target, s.sps_tokens), refresh=s.sps_refresh)
             log.info("SPS profile ready in %.1f s: %s", time.perf_counter() - t0, sps.to_dict())
         log.info("scheduler policy: %s", policy)
-        scheduler = PrefixScheduler(policy=policy, sps=sps, gamma=s.gamma, threshold=s.threshold)
+        scheduler = PrefixScheduler(policy=policy, sps=sps, gamma=s.gamma, threshold=s.threshold, draft_gate=s.draft_gate)
     return ServeEngine(target, drafter, num_draft=s.gamma, scheduler=scheduler, max_batch=s.max_batch,
                        max_context=s.max_context, max_tokens_limit=s.max_tokens_limit)
 
