@@ -47,6 +47,9 @@ def start(args, policy: str, gamma: int, log: Path, gate: bool = True) -> tuple[
            "--max-batch", str(max(args.concurrency)), "--max-queue", "64", "--log-level", "warning"]
     if not gate:
         cmd.append("--no-draft-gate")
+    if args.sps_refresh and not getattr(args, "_refreshed", False) and policy in ("sync", "async"):
+        cmd.append("--sps-refresh")
+        args._refreshed = True
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -138,6 +141,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32, help="distinct benchmark prompts (round-robin over the files)")
     ap.add_argument("--plot", default="docs/img/bench_serve.png")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--sps-refresh", action="store_true", help="re-profile SPS(B) at the first server start (run on an idle machine)")
     args = ap.parse_args()
 
     from dspark.benchmarks import BENCHMARKS, load_first_turns

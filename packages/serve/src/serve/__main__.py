@@ -1,6 +1,6 @@
 """``python -m serve``: an OpenAI-compatible speculative-decoding server (LitServe).
 
-    python -m serve                                            # Gemma 270M + n-gram drafter, sync scheduler
+    python -m serve                                            # Gemma 270M + n-gram drafter, static gamma
     python -m serve --drafter outputs/gemma_dspark/drafter --policy sync
     python -m serve --drafter none                             # plain autoregressive decoding
 

@@ -6,7 +6,8 @@ Objectives (dspark.losses, on the fused kernel terms):
 - dspark: 0.1 CE + 0.9 TV + 1.0 confidence BCE over anchored blocks, weights exp(-(k-1)/4);
 - dflash: CE only over the same blocks;
 - eagle3: training-time test over ``ttt_steps`` steps, step s weighted 0.8^(s-1), soft
-  cross-entropy against the target distribution.
+  cross-entropy against the target distribution, at ``anchors_per_seq`` random supervised
+  positions per sequence (the chain itself runs over every position).
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ class DistillModule(L.LightningModule):
         lab_ok = torch.zeros_like(mask)
         lab_ok[:, : T - 2] = mask[:, 2:]
         need = lab_ok & (j + 2 < T)[None, :]
+        if self.anchors_per_seq and self.anchors_per_seq < T:
+            # supervise anchors_per_seq random positions per sequence (the same number of
+            # predictions per step as the block drafters); the chain still runs everywhere
+            score = torch.rand(need.shape, generator=self.gen).to(ids.device).masked_fill(~need, -1.0)
+            keep = torch.zeros_like(need)
+            keep.scatter_(1, score.topk(self.anchors_per_seq, dim=1).indices, True)
+            need = need & keep
         if not need.any():
             return {"loss": total + 0 * sum(h.sum() for h in hidden), "ce": total.detach(), "tau_est": torch.tensor(1.0)}
         hid_need = final[:, 1:][need[:, :-1]]
