@@ -17,10 +17,10 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import time
 
 import torch
 
+from bench_kernels import timed  # noqa: E402  (tools/ is the script directory)
 from dspark.target import Target
 
 
@@ -34,20 +34,6 @@ def load_target(args) -> Target:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return Target(model.to(args.device), name=f"random-init:{cfg.model_type}")
-
-
-def median_ms(fn, reps: int, cuda: bool) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def sps_table(t: Target, args) -> None:
@@ -72,7 +58,7 @@ def sps_table(t: Target, args) -> None:
             t.forward(block, cache, logits="all")
             t.rollback(cache, block.shape[1])
 
-        ms = median_ms(step, args.reps, cuda)
+        ms = timed(step, args.reps, cuda)
         print(f"| [1, {b}] | {b} | {ms:.2f} | {1000 / ms:.1f} | {b * 1000 / ms:.0f} |")
     for r in args.rows:
         cache_r = prefilled(r)
@@ -82,7 +68,7 @@ def sps_table(t: Target, args) -> None:
             t.forward(block, cache_r, logits="all")
             t.rollback(cache_r, block.shape[1])
 
-        ms = median_ms(step_r, args.reps, cuda)
+        ms = timed(step_r, args.reps, cuda)
         print(f"| [{r}, 8] | {8 * r} | {ms:.2f} | {1000 / ms:.1f} | {8 * r * 1000 / ms:.0f} |")
         del cache_r
         if cuda:
