@@ -200,7 +200,8 @@ class SpeculativeEngine:
             for i, n in enumerate(lens)
         ]
         chosen = torch.minimum(lens, torch.tensor(self.scheduler.verify_lengths(survival, active), dtype=torch.long))
-        self.scheduler.observe(draft_s, survival, chosen.tolist())
+        if hasattr(self.scheduler, "observe"):
+            self.scheduler.observe(draft_s, survival, chosen.tolist())
         return chosen
 
     # ------------------------------------------------------------------ continuous batching
@@ -307,7 +308,8 @@ class SpeculativeEngine:
         gens = [r.gen for r in reqs] if all(r.gen is not None for r in reqs) else None
         needs_feats = getattr(self.drafter, "feature_layers", None)
         max_draft = min(self.num_draft, int(room.max()))
-        if self.scheduler is not None and not self.scheduler.should_draft(len(reqs)):
+        gate = getattr(self.scheduler, "should_draft", None)  # schedulers without draft gating just draft
+        if gate is not None and not gate(len(reqs)):
             max_draft = 0  # plain decoding this step; the drafter catches up on its features later
         t_d = time.perf_counter()
         if max_draft == 0:
