@@ -253,6 +253,10 @@ class SpeculativeEngine:
             if self.drafter is not None:
                 self.drafter.release([rid])
 
+    def finish_reason(self, rid: int) -> str | None:
+        """"stop" / "length" once request ``rid`` has finished, else None."""
+        return self._requests[rid].finish_reason
+
     @property
     def num_running(self) -> int:
         return sum(r.finish_reason is None for r in self._requests.values())

@@ -162,7 +162,7 @@ class SpeculativeAPI(ls.LitAPI):
         except Exception as e:  # keep serving: fail the requests in flight, not the server
             log.exception("engine step failed")
             events = []
-            for uid in list(self.service._live):
+            for uid in self.service.live_ids():
                 self.service.cancel(uid)
                 outs.append(Output(uid, protocol.error_body(f"internal error in the engine: {e}", 500), LitAPIStatus.OK))
                 outs.append(Output(uid, {}, LitAPIStatus.FINISH_STREAMING))

@@ -202,6 +202,10 @@ class ServeEngine:
         with self._lock:
             self._cancels.add(uid)
 
+    def live_ids(self) -> list[str]:
+        """Ids of the requests decoding now."""
+        return list(self._live)
+
     @property
     def num_active(self) -> int:
         return len(self._live)
@@ -260,8 +264,7 @@ class ServeEngine:
 
     def _advance(self, live: _Live, toks: list[int]) -> Event:
         live.ids.extend(toks)
-        r = self.engine._requests[live.rid]
-        finish: FinishReason | None = r.finish_reason
+        finish: FinishReason | None = self.engine.finish_reason(live.rid)
         text = self.target.decode(live.ids)
         cut = _find_stop(text, live.stops, max(0, len(live.sent) - max((len(s) for s in live.stops), default=0)))
         if cut is not None:
