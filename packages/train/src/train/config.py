@@ -38,7 +38,7 @@ def validate(cfg: DictConfig) -> None:
         ("drafter.name", cfg.drafter.name in ("dspark", "dflash", "eagle3", "ngram"), "dspark, dflash, eagle3 or ngram"),
         ("drafter.gamma", int(cfg.drafter.gamma) >= 1, ">= 1"),
         ("drafter.draft_vocab_size", int(cfg.drafter.get("draft_vocab_size", 0)) >= 0, ">= 0"),
-        ("data.responses", cfg.data.responses in ("reference", "regenerate"), "reference or regenerate"),
+        ("data.responses", cfg.data.responses in ("onpolicy", "regenerate", "reference"), "onpolicy, regenerate or reference"),
         ("data.heldout_fraction", 0 <= float(cfg.data.heldout_fraction) < 1, "in [0, 1)"),
         ("data.max_length", int(cfg.data.max_length) >= 8, ">= 8"),
         ("trainer.max_steps", int(cfg.trainer.max_steps) >= 1, ">= 1"),

@@ -82,6 +82,22 @@ def split_heldout(ds, fraction: float, salt: str = "heldout"):
     return ds.filter(lambda ex: not is_heldout(ex)), ds.filter(is_heldout)
 
 
+def interleave_domains(rows: Sequence[dict], salt: str = "0") -> list[dict]:
+    """A deterministic order in which every prefix mixes the domains: each domain's rows in
+    a seeded hash order, then taken round-robin (math, code, chat, math, ...). The prompt
+    file is sorted by domain, so its first N lines would be all math."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(str(r.get("domain", "")), []).append(r)
+    for d in by.values():
+        d.sort(key=lambda r: hashlib.sha256(f"{salt}:{r['id']}".encode()).hexdigest())
+    out: list[dict] = []
+    queues = [by[k] for k in sorted(by)]
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
 @dataclass
 class Example:
     id: str
@@ -89,12 +105,18 @@ class Example:
     loss_mask: list[int]  # 1 on assistant (response) tokens only
 
 
-def build_example(target: Any, row_id_: str, turns: Sequence[str], response: str, max_length: int) -> Example | None:
+def build_example(
+    target: Any, row_id_: str, turns: Sequence[str], response: str, max_length: int, response_ids: Sequence[int] | None = None
+) -> Example | None:
     """First user turn (chat template or plain template) + response + EOS, truncated to
-    max_length. None when truncation leaves no response token."""
+    max_length. ``response_ids`` (what the target sampled, ending in its own stop token when
+    it stopped) are used as they are instead of re-encoding the text. None when truncation
+    leaves no response token."""
     prompt = target.encode_prompt(turns[0])
-    tok = target.tokenizer
-    resp = tok(response, add_special_tokens=False)["input_ids"] + target.eos_token_ids[:1]
+    if response_ids is not None:
+        resp = [int(t) for t in response_ids]
+    else:
+        resp = target.tokenizer(response, add_special_tokens=False)["input_ids"] + target.eos_token_ids[:1]
     ids = (prompt + resp)[:max_length]
     mask = ([0] * len(prompt) + [1] * len(resp))[:max_length]
     if sum(mask) == 0:

@@ -71,10 +71,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from dspark.prompts import PromptFormat
     from dspark.target import Target
     from train.calibrate import calibrate, reliability_diagram
-    from train.data import build_example, check_loss_masks, read_prompts, split_heldout
+    from train.data import check_loss_masks
     from train.fit import fit
     from train.module import DistillModule
-    from train.regenerate import regenerate
 
     validate(cfg)
     out = repo_path(cfg.output_dir)
@@ -98,26 +97,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
             return _evaluate_and_log(cfg, out, target, NgramDrafter(max_ngram=dc.max_ngram, num_tokens=dc.gamma), _hash(dc), t0)
 
-        # 1. prompts -------------------------------------------------------------
-        ds = read_prompts(repo_path(cfg.data.train_file), limit=cfg.data.max_prompts)
-        train_rows, held_rows = split_heldout(ds, cfg.data.heldout_fraction, salt=str(cfg.seed))
-        _log(f"prompts: {len(train_rows)} train, {len(held_rows)} held out")
-
-        # 2. responses -----------------------------------------------------------
-        if cfg.data.responses == "regenerate":
-            rc = cfg.data.regenerate
-            from dspark.generate import GenerationConfig
-            from dspark.sampling import SamplingParams
-
-            gcfg = GenerationConfig(max_new_tokens=rc.max_new_tokens, sampling=SamplingParams(temperature=rc.temperature), seed=cfg.seed)
-            resp_file = out.parent / f"responses_{_hash(tc.path, tc.dtype, cfg.data.regenerate, cfg.data.train_file, cfg.seed)}.jsonl"
-            responses = regenerate(target, list(train_rows), resp_file, gcfg, rc.batch_size, progress=cfg.progress)
-        else:
-            missing = [r["id"] for r in train_rows if not r["reference"]]
-            if missing:
-                raise ValueError(f"data.responses=reference but {len(missing)} prompts have no 'reference' answer")
-            responses = {r["id"]: r["reference"] for r in train_rows}
-        examples = [e for r in train_rows if (e := build_example(target, r["id"], r["turns"], responses[r["id"]], cfg.data.max_length))]
+        # 1-2. prompts and responses ----------------------------------------------------
+        train_rows, held_rows, responses = _prompts_and_responses(cfg, target, out)
+        _log(f"prompts: {len(train_rows)} train, {len(held_rows)} held out; responses: {cfg.data.responses}")
+        examples = _examples(target, train_rows, responses, cfg.data.max_length)
         if not examples:
             raise ValueError(f"no example keeps a response token within data.max_length={cfg.data.max_length}")
         sup, tot = check_loss_masks(examples)
@@ -125,7 +108,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         mlflow.log_metrics({"data_examples": len(examples), "data_supervised_tokens": sup})
 
         # 3. target features (offline cache, shared across experiments) ---------------
-        fit_key = _hash(cfg.target, cfg.drafter, cfg.data, _trainer_key(cfg.trainer), cfg.seed)
+        # the examples themselves are part of the key: a grown response file retrains
+        ex_key = hashlib.sha256(json.dumps([(e.id, e.input_ids) for e in examples]).encode()).hexdigest()[:16]
+        fit_key = _hash(cfg.target, cfg.drafter, cfg.data, _trainer_key(cfg.trainer), cfg.seed, ex_key)
         fit_stage = Stage(out, "fit", fit_key)
         ckpt_dir = out / "drafter"
         features = None
@@ -174,6 +159,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             fit_stage.finish(steps=cfg.trainer.max_steps)
         drafter = drafter.to(target.dtype) if target.dtype != torch.float32 else drafter
 
+        # 4b. teacher-forced tau_est on held-out text: the target's own vs curated answers
+        ho_stage = Stage(out, "heldout_tau", _hash(fit_key, "heldout_tau", cfg.eval.get("heldout_examples", 24)))
+        if ho_stage.done():
+            ho = ho_stage.info()["tau_est"]
+        else:
+            ho = _heldout_tau(cfg, target, drafter, held_rows, responses)
+            ho_stage.finish(tau_est=ho)
+        for name, v in ho.items():
+            if v is not None:
+                mlflow.log_metric(f"heldout_tau_est_{name}", v)
+        _log(f"held-out teacher-forced tau_est (gamma {dc.gamma}): " + ", ".join(f"{k} {v:.3f}" for k, v in ho.items() if v is not None))
+
         # 5. calibration (drafters with a confidence head) ---------------------------
         held = [target.encode_prompt(r["turns"][0]) for r in list(held_rows)[: cfg.eval.calibration_prompts]]
         if getattr(drafter, "conf", None) is not None and held:
@@ -199,6 +196,91 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         mlflow.log_artifacts(str(ckpt_dir), artifact_path="drafter")
         results = _evaluate_and_log(cfg, out, target, drafter, fit_key, t0)
     return results
+
+
+def _prompts_and_responses(cfg: DictConfig, target: Any, out: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Stages 1-2: prompt rows (domain-interleaved, split into train / held out) and a
+    response per row: id -> Record (on-policy, with the target's token ids) or str."""
+    from train.data import DataError, interleave_domains, read_prompts, split_heldout
+    from train.regenerate import load_shipped, regenerate
+
+    dcfg = cfg.data
+    rows = interleave_domains(list(read_prompts(repo_path(dcfg.train_file))), salt=str(cfg.seed))
+    responses: dict[str, Any]
+    if dcfg.responses == "onpolicy":
+        shipped, meta = load_shipped(repo_path(dcfg.onpolicy_file), target, temperature=float(dcfg.regenerate.temperature))
+        rows = [r for r in rows if r["id"] in shipped]
+        if not rows:
+            raise DataError(f"data.onpolicy_file {dcfg.onpolicy_file} has no response for any prompt of {dcfg.train_file}")
+        _log(f"on-policy responses: {dcfg.onpolicy_file} ({meta.get('rows')} rows, T={meta.get('temperature')}, "
+             f"made {meta.get('date')} by `{meta.get('command')}`)")
+        responses = shipped
+    if dcfg.max_prompts:
+        rows = rows[: int(dcfg.max_prompts)]
+    import datasets
+
+    train_ds, held_ds = split_heldout(datasets.Dataset.from_list(rows), float(dcfg.heldout_fraction), salt=str(cfg.seed))
+    train_rows, held_rows = list(train_ds), list(held_ds)
+    if dcfg.responses == "regenerate":
+        rc = dcfg.regenerate
+        resp_file = out.parent / f"responses_{_hash(target.name, cfg.target.dtype, rc, dcfg.train_file, cfg.seed)}.jsonl"
+        responses = regenerate(target, train_rows + held_rows, resp_file, int(rc.max_new_tokens), float(rc.temperature),
+                               cfg.seed, int(rc.batch_size), progress=cfg.progress)
+    elif dcfg.responses == "reference":
+        missing = [r["id"] for r in train_rows if not r["reference"]]
+        if missing:
+            raise DataError(f"data.responses=reference but {len(missing)} prompts have no 'reference' answer")
+        responses = {r["id"]: r["reference"] for r in train_rows + held_rows if r["reference"]}
+    return train_rows, held_rows, responses
+
+
+def _heldout_tau(cfg: DictConfig, target: Any, drafter: Any, held_rows: list[dict], responses: dict[str, Any]) -> dict[str, float | None]:
+    """Teacher-forced acceptance estimate (the training loss's tau_est) on held-out prompts,
+    once on the target's own responses (the shipped/regenerated on-policy ones, if this run
+    has them) and once on the datasets' reference answers: a gap is a data shift."""
+    import torch
+
+    from train.fit import collate
+    from train.module import DistillModule
+
+    n = int(cfg.eval.get("heldout_examples", 24))
+    rows = held_rows[:n]
+    sets: dict[str, list] = {
+        "reference": _examples(target, rows, {r["id"]: r["reference"] for r in rows if r.get("reference")}, cfg.data.max_length),
+    }
+    onp = {r["id"]: responses[r["id"]] for r in rows if r["id"] in responses and getattr(responses[r["id"]], "response_ids", None) is not None}
+    sets["onpolicy"] = _examples(target, rows, onp, cfg.data.max_length)
+    was = next(drafter.parameters()).dtype
+    drafter = drafter.float()
+    module = DistillModule(drafter, target, cfg.drafter.name, anchors_per_seq=64, seed=cfg.seed + 1)
+    result: dict[str, float | None] = {}
+    with torch.no_grad():
+        for name, exs in sets.items():
+            taus = []
+            for i in range(0, len(exs), 4):
+                batch = collate(exs[i : i + 4])  # ids and masks: features come from the target (online)
+                out = module.ttt_loss(batch) if cfg.drafter.name == "eagle3" else module.block_loss(batch)
+                taus.append(float(out["tau_est"]))
+            result[name] = sum(taus) / len(taus) if taus else None
+    drafter.to(was)
+    return result
+
+
+def _examples(target: Any, rows: list[dict], responses: dict[str, Any], max_length: int) -> list:
+    """Tokenised examples; on-policy records keep the exact ids the target sampled."""
+    from train.data import build_example
+
+    out = []
+    for r in rows:
+        resp = responses.get(r["id"])
+        if resp is None:
+            continue
+        ids = getattr(resp, "response_ids", None)
+        text = getattr(resp, "response", resp)
+        e = build_example(target, r["id"], r["turns"], text, max_length, response_ids=ids)
+        if e is not None:
+            out.append(e)
+    return out
 
 
 def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit_key: str, t0: float) -> dict:
