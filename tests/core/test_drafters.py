@@ -222,3 +222,46 @@ def test_draft_vocab_from_counts():
     assert probs.shape == (1, 12) and float(probs[0, 9]) == 0.5 and float(probs.sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unique"):
         DraftVocab(torch.tensor([1, 1]), 12)
+
+
+def test_markov_transition_rows_equal_the_product_and_follow_weight_updates():
+    from dspark.heads.markov import MarkovHead, TransitionRows
+
+    torch.manual_seed(0)
+    head = MarkovHead(50, rank=8)
+    torch.nn.init.normal_(head.w2.weight)
+    rows = TransitionRows(budget_bytes=3 * 50 * 4)  # room for 3 rows of 50 fp32
+    prev = torch.tensor([4, 7, 4])
+    torch.testing.assert_close(rows(head, prev), head.w2(head.w1(prev)), rtol=1e-6, atol=1e-6)
+    assert (rows.misses, rows.hits) == (2, 1)
+    rows(head, torch.tensor([1, 2]))  # evicts the least recently used row (7)
+    assert len(rows._rows) == 3 and 7 not in rows._rows
+    with torch.no_grad():
+        head.w2.weight.mul_(2.0)  # an optimiser step: every cached row is stale
+    torch.testing.assert_close(rows(head, prev), head.w2(head.w1(prev)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "dspark", "dspark-rnn"])
+def test_drafts_follow_the_probabilities_they_report(target, kind):
+    """The verifier divides by the reported draft probability of the drawn token: the draws
+    must follow exactly those probabilities (chi-square on slot 1, per-row generators)."""
+    from scipy.stats import chisquare
+
+    d = make(target, kind)
+    seq = torch.randint(4, V, (1, 10), generator=torch.Generator().manual_seed(3))
+    feats = features(target, seq[:, :9], d.feature_layers)[0]
+    n = 3000
+    params = SamplingParams(temperature=0.8)
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    st = DraftState([seq[0].tolist()] * n, list(range(n)), G, params, gens, [feats] * n)
+    prop = d.propose(st)
+    p = prop.probs[0, 0].double()
+    torch.testing.assert_close(prop.probs[:, 0], prop.probs[:1, 0].expand(n, -1))  # same context, same distribution
+    obs = torch.bincount(prop.tokens[:, 0], minlength=V).double()
+    keep = p * n >= 5
+    exp_c = torch.cat([p[keep] * n, (p[~keep].sum() * n)[None]])
+    obs_c = torch.cat([obs[keep], obs[~keep].sum()[None]])
+    if exp_c[-1] < 1e-9:  # nothing to pool
+        exp_c, obs_c = exp_c[:-1], obs_c[:-1]
+    assert int(keep.sum()) >= 5
+    assert chisquare(obs_c.numpy(), exp_c.numpy() * obs_c.sum().item() / exp_c.sum().item()).pvalue > 1e-3

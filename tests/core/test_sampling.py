@@ -36,3 +36,16 @@ def test_per_row_generators_are_reproducible():
     assert a.tolist() == b.tolist()
     solo = sample(w[:1], [torch.Generator().manual_seed(2)])
     assert int(solo[0]) == int(a[1])  # row 1's draw depends only on its own generator
+
+
+def test_inverse_cdf_frequencies_and_zero_weights():
+    from dspark.sampling import inverse_cdf
+
+    w = torch.tensor([[1.0, 3.0, 0.0, 6.0, 0.0]]).repeat(40_000, 1)  # unnormalised, zeros inside and at the end
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
+    ids = inverse_cdf(w, u)
+    freq = torch.bincount(ids, minlength=5).float() / len(ids)
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.3, 0.0, 0.6, 0.0]), atol=0.01, rtol=0)
+    # boundary draws never land on a zero-weight id (u = 0 and u just below 1)
+    edge = inverse_cdf(torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0]] * 3), torch.tensor([0.0, 2 / 3, 1 - 1e-7]))
+    assert edge.tolist() == [1, 3, 3]

@@ -29,6 +29,7 @@ from dspark.target import Target
 from dspark.verify import verify
 
 CacheMode = Literal["kv", "recompute"]
+_DRAFT_SEED_SALT = 0x5DEECE66D  # a request's draft generator: seeded from its seed, never equal to it
 
 
 Feats = list[torch.Tensor] | None  # per row: [n, m*d] target features of the fed tokens
@@ -140,7 +141,9 @@ class _Request:
     seq: list[int]  # prompt + generated; the last token is the anchor
     cfg: GenerationConfig
     stops: set[int]
-    gen: torch.Generator | None
+    gen: torch.Generator | None  # the verifier's draws (acceptance, corrections, bonus)
+    dgen: torch.Generator | None  # the drafter's draws: whether a batchmate makes this request's
+    # drafter run in a step where its drafts go unused must not move the verifier's stream
     out: list[int] = field(default_factory=list)
     stats: SpecStats = field(default_factory=SpecStats)
     finish_reason: Literal["stop", "length"] | None = None
@@ -222,8 +225,11 @@ class SpeculativeEngine:
         rid = self._next_id
         self._next_id += 1
         s = cfg.seed if seed is None else seed
-        gen = None if s is None else torch.Generator(device=self.target.device).manual_seed(s)
-        self._requests[rid] = _Request(rid, list(prompt_ids), cfg, set(cfg.stops(self.target)), gen)
+        gen = dgen = None
+        if s is not None:
+            gen = torch.Generator(device=self.target.device).manual_seed(s)
+            dgen = torch.Generator(device=self.target.device).manual_seed((s ^ _DRAFT_SEED_SALT) & (2**63 - 1))
+        self._requests[rid] = _Request(rid, list(prompt_ids), cfg, set(cfg.stops(self.target)), gen, dgen)
         self._new.append(rid)
         return rid
 
@@ -310,6 +316,7 @@ class SpeculativeEngine:
         # never draft past the token budget: a round emits at most drafts + 1 tokens
         room = torch.tensor([r.cfg.max_new_tokens - len(r.out) - 1 for r in reqs])
         gens = [r.gen for r in reqs] if all(r.gen is not None for r in reqs) else None
+        dgens = [r.dgen for r in reqs] if gens is not None else None
         needs_feats = getattr(self.drafter, "feature_layers", None)
         max_draft = min(self.num_draft, int(room.max()))
         gate = getattr(self.scheduler, "should_draft", None)  # schedulers without draft gating just draft
@@ -317,10 +324,10 @@ class SpeculativeEngine:
             max_draft = 0  # plain decoding this step; the drafter catches up on its features later
         t_d = time.perf_counter()
         if max_draft == 0:
-            prop = self._propose(DraftState([r.seq for r in reqs], ids, 0, params, gens, None))
+            prop = self._propose(DraftState([r.seq for r in reqs], ids, 0, params, dgens, None))
         else:
             state = DraftState(
-                [r.seq for r in reqs], ids, max_draft, params, gens,
+                [r.seq for r in reqs], ids, max_draft, params, dgens,
                 [r.take_pending() for r in reqs] if needs_feats else None,
             )
             prop = self._propose(state)

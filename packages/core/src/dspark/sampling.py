@@ -71,6 +71,15 @@ def temperature_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[N, V] non-negative weights and [N] U[0, 1) draws -> [N] ids, id i with probability
+    w_i / sum(w). One uniform per row (the exponential race needs V): the first id whose
+    running sum exceeds u * total. ``right=True`` never returns a zero-weight id."""
+    c = probs.float().cumsum(-1)
+    v = (u.to(c.device).float() * c[:, -1])[:, None]
+    return torch.searchsorted(c, v, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
 def _rows(gens: Generators, batch: int) -> list[torch.Generator | None]:
     if gens is None or isinstance(gens, torch.Generator):
         return [gens] * batch  # type: ignore[list-item]

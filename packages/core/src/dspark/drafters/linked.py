@@ -153,7 +153,14 @@ class LinkedDrafter(nn.Module):
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., K] fp32 logits over the draft vocabulary (frozen LM head rows)."""
         self._need_target()
-        logits = (hidden.to(self._lm_w.dtype) @ self._lm_w.T).float()
+        w = self._lm_w
+        x = hidden.to(w.dtype)
+        if not torch.is_grad_enabled() and w.dtype == torch.float32 and x.numel() // x.shape[-1] <= 64:
+            # a few rows at inference: W @ x^T streams W once in its own layout (~1.3-2x faster
+            # on CPU than x @ W^T in fp32; bf16 prefers the plain product)
+            logits = (w @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], w.shape[0]).float()
+        else:
+            logits = (x @ w.T).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

@@ -24,10 +24,10 @@ from dspark.drafters.base import DraftState, Proposal
 from dspark.drafters.linked import DraftConfig, LinkedDrafter
 from dspark.drafters.vocab import DraftVocab
 from dspark.heads.confidence import ConfidenceHead
-from dspark.heads.markov import MarkovHead
+from dspark.heads.markov import MarkovHead, TransitionRows
 from dspark.heads.rnn import RNNHead
 from dspark import kernels
-from dspark.sampling import exponential, temperature_probs
+from dspark.sampling import exponential, inverse_cdf, temperature_probs, uniform
 
 HEADS = {"markov": MarkovHead, "rnn": RNNHead}
 
@@ -65,6 +65,7 @@ class ParallelDrafter(LinkedDrafter):
         d, k = cfg.hidden_size, self.vocab.size
         self.head = HEADS[cfg.head](k, cfg.rank, d) if cfg.head != "none" else None
         self.conf = ConfidenceHead(d, cfg.rank) if cfg.confidence and self.head is not None else None
+        self._transitions = TransitionRows()
 
     def block_inputs(self, anchors: torch.Tensor) -> torch.Tensor:
         """[...] anchor ids -> [..., g] block ids: anchor then g-1 mask tokens."""
@@ -161,18 +162,45 @@ class ParallelDrafter(LinkedDrafter):
         what the tokens were drawn from), calibrated confidences [B, g] or None."""
         temp = state.params.temperature
         B, g, K = base.shape
-        noise = None if temp == 0 else exponential((B, g * K), state.generator, base.device).view(B, g, K)
-        if self.head is None:
-            probs = temperature_probs(base, temp)
-            tok = probs.argmax(-1) if noise is None else (probs / noise).argmax(-1)
-            return tok, probs, None
-        if isinstance(self.head, MarkovHead):
-            tok, probs = kernels.markov_sample(base, self.head.w1.weight, self.head.w2.weight, prev, temp, noise)
+        if self.head is not None and kernels.get_backend() == "triton":  # forced: the fused kernels
+            noise = None if temp == 0 else exponential((B, g * K), state.generator, base.device).view(B, g, K)
+            if isinstance(self.head, MarkovHead):
+                tok, probs = kernels.markov_sample(base, self.head.w1.weight, self.head.w2.weight, prev, temp, noise)
+            else:
+                cell = self.head.cell
+                tok, probs = kernels.rnn_sample(base, h, self.head.w1.weight, cell.weight, cell.bias, self.head.w2.weight, prev, temp, noise)
         else:
-            cell = self.head.cell
-            tok, probs = kernels.rnn_sample(base, h, self.head.w1.weight, cell.weight, cell.bias, self.head.w2.weight, prev, temp, noise)
+            # one uniform per slot, drawn by inverse CDF (the exponential race needed K per slot)
+            u = None if temp == 0 else uniform((B, g), state.generator, base.device)
+            if self.head is None:
+                probs = temperature_probs(base, temp)
+                tok = probs.argmax(-1) if u is None else inverse_cdf(probs.view(B * g, K), u.view(-1)).view(B, g)
+                return tok, probs, None
+            tok, probs = self._sequential(h, base, prev, temp, u)
         conf = None
         if self.conf is not None:
             prevs = torch.cat([prev[:, None], tok[:, :-1]], 1)  # x_0 = anchor, then the drafts
             conf = self.calibrator.apply(torch.sigmoid(self.conf.logits(h, self.head.prev_embedding(prevs)).float()))
         return tok, probs, conf
+
+    def _sequential(
+        self, h: torch.Tensor, base: torch.Tensor, prev: torch.Tensor, temp: float, u: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-to-right head loop: slot k draws from softmax((U_k + B_k) / T), B_k from the
+        previous draft (Markov: a cached transition row; RNN: one cell step). Same semantics
+        as kernels.markov_sample / rnn_sample, one uniform per slot instead of K noise draws."""
+        B, g, K = base.shape
+        markov = isinstance(self.head, MarkovHead)
+        state = None if markov else self.head.init_state(B, base.device)
+        toks, probs = [], []
+        x = prev
+        for k in range(g):
+            if markov:
+                bias = self._transitions(self.head, x)
+            else:
+                bias, state = self.head.step(state, x, h[:, k])
+            p = temperature_probs(base[:, k] + bias.float(), temp)
+            x = p.argmax(-1) if u is None else inverse_cdf(p, u[:, k])
+            toks.append(x)
+            probs.append(p)
+        return torch.stack(toks, 1), torch.stack(probs, 1)

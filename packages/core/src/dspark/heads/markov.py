@@ -7,8 +7,51 @@ at zero, so an untrained head leaves the backbone's distribution unchanged.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
+
+
+class TransitionRows:
+    """Inference cache of the Markov bias rows B(x, .) = W1[x] W2, keyed by previous token.
+
+    The bias depends on the previous token only, so a row computed once serves every later
+    draft step that follows the same token. A miss costs one [r] x [r, K] product (reading
+    all of W2); a hit reads one K-vector. Rows are kept least-recently-used within a byte
+    budget and dropped whenever the head's weights change (new tensor or in-place update).
+    Results equal the uncached product up to the last bits of a batched vs single matmul;
+    the draft probabilities the verifier receives are always the ones sampled from.
+    """
+
+    def __init__(self, budget_bytes: int = 256 << 20) -> None:
+        self.budget_bytes = budget_bytes
+        self._rows: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._key: tuple | None = None
+        self.hits = self.misses = 0
+
+    def __call__(self, head: MarkovHead, prev: torch.Tensor) -> torch.Tensor:
+        """prev [B] draft ids -> bias [B, K] in W2's dtype."""
+        w1, w2 = head.w1.weight, head.w2.weight
+        key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version, w2.dtype, w2.device)
+        if key != self._key:
+            self._rows.clear()
+            self._key = key
+        ids = [int(i) for i in prev.tolist()]
+        miss = sorted({i for i in ids if i not in self._rows})
+        self.misses += len(miss)
+        self.hits += len(ids) - len(miss)
+        if miss:
+            for i in miss:
+                # one row at a time: a row's bits must not depend on which other tokens
+                # missed in the same step (a seeded request's output must not depend on its batch)
+                self._rows[i] = (w1[i : i + 1] @ w2.T)[0]
+            cap = max(len(ids), self.budget_bytes // max(1, w2.shape[0] * w2.element_size()))
+            while len(self._rows) > cap:
+                self._rows.popitem(last=False)
+        for i in ids:
+            self._rows.move_to_end(i)
+        return torch.stack([self._rows[i] for i in ids])
 
 
 class MarkovHead(nn.Module):
