@@ -98,3 +98,27 @@ def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir):
     assert "| tiny_dflash |" in text and "| tiny_ngram |" in text and "**T=1**" in text and "**T=0**" in text
     missing = subprocess.run([sys.executable, "-m", "train.compare", "--runs", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no finished MLflow run named 'nope'" in missing.stderr
+
+
+def test_onpolicy_file_end_to_end_and_refused_for_another_target(tmp_path, tiny_dir):
+    """`python -m train.regenerate` makes a response file with provenance; the pipeline
+    trains on it (data.responses=onpolicy) and logs the held-out tau_est on both kinds of
+    text; the shipped Gemma file is refused for the tiny target with a message saying why."""
+    resp = tmp_path / "resp.jsonl"
+    gen = subprocess.run(
+        [sys.executable, "-m", "train.regenerate", "--target", str(tiny_dir), "--out", str(resp), "--limit", "24",
+         "--max-new-tokens", "16", "--batch-size", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    meta = json.loads((tmp_path / "resp.jsonl.meta.json").read_text())
+    assert meta["rows"] == 24 and meta["temperature"] == 1.0 and meta["command"].startswith("python -m train.regenerate")
+    out = tmp_path / "out"
+    common = ("experiment=tiny_dspark", f"target.path={tiny_dir}", f"output_dir={out}")
+    proc = train(tmp_path, *common, "data.responses=onpolicy", f"data.onpolicy_file={resp}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on-policy responses: " in proc.stdout and "held-out teacher-forced tau_est" in proc.stdout
+    ho = json.loads((out / "heldout_tau.done.json").read_text())["tau_est"]
+    assert ho["onpolicy"] is not None and ho["reference"] is not None and ho["onpolicy"] >= 1.0
+    refused = train(tmp_path, *common, "data.responses=onpolicy", f"output_dir={tmp_path}/o2")  # the shipped Gemma file
+    assert refused.returncode != 0 and "not from this target" in refused.stderr

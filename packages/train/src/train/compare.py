@@ -43,7 +43,9 @@ def table(results: dict[str, tuple[dict, object]]) -> str:
         for name, (res, _) in results.items():
             if t in res:
                 row = res[t]
-                lines.append(f"| {name} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {row['macro']['tau']:.2f} |")
+                se = row["macro"].get("tau_se")
+                macro = f"{row['macro']['tau']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+                lines.append(f"| {name} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {macro} |")
     return "\n".join(lines)
 
 

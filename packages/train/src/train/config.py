@@ -34,7 +34,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("target.path", "target.dtype", "drafter.name", "data.train_file", "trainer.max_steps"):
         _need(cfg, key)
     checks = [
-        ("target.dtype", cfg.target.dtype in ("bfloat16", "float32"), "bfloat16 or float32"),
+        ("target.dtype", cfg.target.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("drafter.name", cfg.drafter.name in ("dspark", "dflash", "eagle3", "ngram"), "dspark, dflash, eagle3 or ngram"),
         ("drafter.gamma", int(cfg.drafter.gamma) >= 1, ">= 1"),
         ("drafter.draft_vocab_size", int(cfg.drafter.get("draft_vocab_size", 0)) >= 0, ">= 0"),

@@ -44,15 +44,33 @@ def evaluate(
             s = merge_all(stats)
             table[bench] = {
                 "tau": s.tau,
+                "tau_se": tau_standard_error(stats),
+                "prompts": len(stats),
                 "acceptance_rate": s.acceptance_rate,
                 "per_position": s.per_position(gamma),
                 "rounds": s.rounds,
                 "tokens_per_second": s.tokens_per_second,
             }
-        table["macro"] = {"tau": sum(v["tau"] for v in table.values()) / len(benchmarks)}
+        ses = [v["tau_se"] for v in table.values()]
+        macro_se = None if any(e is None for e in ses) else (sum(e * e for e in ses) ** 0.5) / len(benchmarks)
+        table["macro"] = {"tau": sum(v["tau"] for v in table.values()) / len(benchmarks), "tau_se": macro_se}
         out[f"T={temp:g}"] = table
     bar.close()
     return out
+
+
+def tau_standard_error(stats: Sequence[Any]) -> float | None:
+    """Standard error of a benchmark's pooled tau = sum(accepted + 1) / rounds over its
+    prompts, with the prompt as the sampling unit (the ratio estimator's linearisation:
+    rounds within one generation are not independent). None with fewer than 2 prompts."""
+    per = [(sum(a + 1 for a in st.accepted), len(st.accepted)) for st in stats if st.accepted]
+    n = len(per)
+    if n < 2:
+        return None
+    emitted, rounds = sum(e for e, _ in per), sum(r for _, r in per)
+    tau, rbar = emitted / rounds, rounds / n
+    var = sum(((e - tau * r) / rbar) ** 2 for e, r in per) / (n * (n - 1))
+    return var**0.5
 
 
 def tau_markdown(results: dict[str, dict[str, dict]], name: str) -> str:
@@ -61,5 +79,7 @@ def tau_markdown(results: dict[str, dict[str, dict]], name: str) -> str:
     lines = ["| drafter | T | " + " | ".join(benches) + " | macro |", "|---|---|" + "---|" * (len(benches) + 1)]
     for t in temps:
         row = results[t]
-        lines.append(f"| {name} | {t[2:]} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {row['macro']['tau']:.2f} |")
+        se = row["macro"].get("tau_se")
+        macro = f"{row['macro']['tau']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+        lines.append(f"| {name} | {t[2:]} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {macro} |")
     return "\n".join(lines)

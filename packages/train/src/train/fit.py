@@ -50,24 +50,13 @@ def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def fast_bf16() -> bool:
-    """Whether bf16 matmuls are native here: CUDA, or a CPU with AVX512-BF16 / AMX. On other
-    CPUs bf16 is emulated (measured ~3x slower than fp32 on an AVX-512 Xeon without it)."""
-    if torch.cuda.is_available():
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: str) -> str:
     """``auto`` -> bf16-mixed where bf16 is native, else 32-true; anything else as given."""
     if precision != "auto":
         return precision
-    return "bf16-mixed" if fast_bf16() else "32-true"
+    from dspark.target import fast_bf16
+
+    return "bf16-mixed" if fast_bf16("cuda" if torch.cuda.is_available() else "cpu") else "32-true"
 
 
 def fit(

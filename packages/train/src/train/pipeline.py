@@ -315,21 +315,29 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
 
 
 def _per_position_plot(results: dict, path: Path) -> None:
+    """Conditional acceptance per draft position: per temperature, the mean over benchmarks
+    with the min-max band across them (one readable line per temperature)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for t, rows in results.items():
-        for bench, vals in rows.items():
-            pp = vals.get("per_position")
-            if pp:
-                ax.plot(range(1, len(pp) + 1), [v if v is not None else float("nan") for v in pp], marker=".", label=f"{bench} {t}")
+        curves = [[v if v is not None else np.nan for v in vals["per_position"]] for b, vals in rows.items() if b != "macro" and vals.get("per_position")]
+        if not curves:
+            continue
+        a = np.array(curves, dtype=float)
+        k = np.arange(1, a.shape[1] + 1)
+        with np.errstate(all="ignore"):
+            mean, lo, hi = np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
+        line = ax.plot(k, mean, marker="o", label=f"{t}: mean of {len(curves)} benchmarks")[0]
+        ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.2, label=f"{t}: min-max over benchmarks")
     ax.set_xlabel("draft position k")
-    ax.set_ylabel("conditional acceptance")
+    ax.set_ylabel("P(draft k accepted | drafts < k accepted)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=5, ncol=2)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
