@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dspark.benchmarks import BENCHMARKS, load_first_turns
-from dspark.drafters import NgramDrafter
+from dspark.drafters import NgramDrafter, load_drafter
 from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
 from dspark.metrics import SpecStats, merge_all
@@ -60,17 +60,22 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
     params = SamplingParams(temperature=temperature)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=params, seed=args.seed)
     engine = SpeculativeEngine(t, NgramDrafter(max_ngram=args.ngram_max, num_tokens=args.num_draft), args.num_draft)
-    methods: dict[str, Callable[[list[int]], tuple[list[int], SpecStats | None]]] = {
-        "HF generate": lambda p: (hf_generate(t, p, args.max_new_tokens, temperature, args.seed), None),
-        "ours: AR loop": lambda p: ((r := ar_generate(t, p, cfg)).tokens, r.stats),
-        f"HF prompt lookup ({args.hf_lookup_tokens})": lambda p: (
-            hf_generate(t, p, args.max_new_tokens, temperature, args.seed, lookup=args.hf_lookup_tokens),
-            None,
-        ),
-        f"ours: engine + n-gram (k={args.num_draft})": lambda p: ((r := engine.generate([p], cfg)[0]).tokens, r.stats),
-    }
+    methods: dict[str, Callable[[list[int]], tuple[list[int], SpecStats | None]]] = {}
+    if not args.no_hf:
+        methods["HF generate"] = lambda p: (hf_generate(t, p, args.max_new_tokens, temperature, args.seed), None)
+    methods["ours: AR loop"] = lambda p: ((r := ar_generate(t, p, cfg)).tokens, r.stats)
+    if not args.no_hf:
+        methods[f"HF prompt lookup ({args.hf_lookup_tokens})"] = lambda p: (
+            hf_generate(t, p, args.max_new_tokens, temperature, args.seed, lookup=args.hf_lookup_tokens), None
+        )
+    methods[f"ours: engine + n-gram (k={args.num_draft})"] = lambda p: ((r := engine.generate([p], cfg)[0]).tokens, r.stats)
+    for path in args.drafters:  # trained drafter checkpoints, each in its own engine
+        d = load_drafter(path, t)
+        d = d.to(t.dtype) if t.dtype != torch.float32 else d
+        eng = SpeculativeEngine(t, d, args.num_draft)
+        methods[f"ours: engine + {d.name} `{path}`"] = lambda p, eng=eng: ((r := eng.generate([p], cfg)[0]).tokens, r.stats)
     rows = {m: Row() for m in methods}
-    hf_generate(t, prompts[0][:32], 8, temperature, args.seed)  # warm-up
+    ar_generate(t, prompts[0][:32], GenerationConfig(max_new_tokens=8, sampling=params, seed=args.seed))  # warm-up
     for p in tqdm(prompts, desc=f"{t.dtype} T={temperature}", file=sys.stderr):
         ref: list[int] | None = None
         for name, fn in methods.items():
@@ -88,8 +93,9 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
 
 
 def table(results: list[tuple[str, float, dict[str, Row]]], n_prompts: int) -> str:
+    first = next(iter(results[0][2])) if results else "?"
     lines = [
-        "| dtype | T | method | tokens/s | vs HF generate | tau | identical to HF generate |",
+        f"| dtype | T | method | tokens/s | vs {first} | tau | identical to {first} |",
         "|---|---|---|---|---|---|---|",
     ]
     for dtype, temp, rows in results:
@@ -114,6 +120,8 @@ def main() -> None:
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--drafters", nargs="*", default=[], help="trained drafter checkpoints (e.g. outputs/gemma_dspark/drafter)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF rows (the AR loop is then the baseline)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

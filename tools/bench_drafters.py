@@ -88,7 +88,7 @@ def time_engine(t: Target, drafter, ids: list[int], args, params) -> tuple[float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="gemma3-270m")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 where native, else float32 (as training/serving)")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=20)
@@ -129,7 +129,7 @@ def main() -> None:
     print(f"\n`python tools/bench_drafters.py {' '.join(sys.argv[1:])}`  ")
     print(
         f"{dt.date.today()}, {platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"target {t.name} {args.dtype}, context {args.context}, gamma {args.gamma}, T={args.temperature:g}, "
+        f"target {t.name} {t.dtype}, context {args.context}, gamma {args.gamma}, T={args.temperature:g}, "
         f"median of {args.rounds} engine rounds each (batch 1)\n"
     )
     print("| drafter | draft vocab | propose ms / round | target forward ms | round ms | propose / forward |")

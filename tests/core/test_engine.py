@@ -183,3 +183,23 @@ def test_skipped_drafting_steps_keep_greedy_identity_and_drafter_context():
     got = SpeculativeEngine(t, drafter, num_draft=4, scheduler=sch).generate(prompts, cfg)
     assert [r.tokens for r in got] == want
     assert any(n == 0 for r in got for n in r.stats.draft_lens)  # some steps really skipped drafting
+
+
+def test_unseeded_batchmate_does_not_change_a_seeded_request():
+    """Issue #11 defect 8: one unseeded request used to send its whole group to the global
+    RNG, so a seeded request's output depended on its batchmates. Unseeded requests now
+    draw from a generator of their own, seeded from fresh entropy."""
+    target = TARGETS["gemma3"]()
+    cfg = GenerationConfig(max_new_tokens=16, sampling=SamplingParams(temperature=1.0), stop_token_ids=[], seed=None)
+    alone = SpeculativeEngine(target, NgramDrafter(num_tokens=4), 4)
+    want = run_until_done(alone, [alone.add_request(PROMPTS[0], cfg, seed=5)])[0]
+    eng = SpeculativeEngine(target, NgramDrafter(num_tokens=4), 4)
+    ids = [eng.add_request(PROMPTS[0], cfg, seed=5), eng.add_request(PROMPTS[1], cfg)]  # the second is unseeded
+    assert run_until_done(eng, ids)[0] == want
+    # fresh entropy, not the global RNG: resetting torch's seed does not repeat an unseeded sample
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        e = SpeculativeEngine(target, NgramDrafter(num_tokens=4), 4)
+        outs.append(run_until_done(e, [e.add_request(PROMPTS[1], cfg)])[0])
+    assert outs[0] != outs[1]

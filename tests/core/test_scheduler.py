@@ -240,3 +240,26 @@ def test_draft_gate_skips_drafting_when_plain_decoding_is_faster_and_probes_agai
     sch._draft_s = 0.001
     assert sch.should_draft(4)
     assert PrefixScheduler(policy="static", gamma=3, draft_gate=True).should_draft(4)  # baselines never gate
+
+
+def test_survival_rising_within_tolerance_is_clamped_to_a_running_minimum():
+    """Issue #11 defect 6: a survival that rises by less than the validation tolerance must
+    not let (r, j+1) sort before (r, j). Sync used to count both then keep l=1; async with a
+    budget of 1 used to admit draft 2 on draft 2's own confidence."""
+    s = [torch.tensor([0.5, 0.5000005])]
+    flat = SPSProfile([1, 2, 3], [1.0, 1.0, 1.0])  # verifying more is free: take everything worth anything
+    assert PrefixScheduler("sync", sps=flat).verify_lengths(s) == [2]
+    assert PrefixScheduler("async", sps=flat, initial_budget=1).verify_lengths(s) == [1]
+    assert _admit(s, 1) == [1]
+
+
+def test_async_admission_with_a_later_draft_above_an_earlier_one():
+    """Issue #11 item 13: the later draft's survival is probed above an earlier draft of the
+    same request and above other requests' candidates; the decision on drafts 1..j must not
+    change (the old test's tails were all below a_{0,2} and could not fail)."""
+    base = surv([0.9, 0.8, 0.7], [0.85, 0.3])
+    for k in range(6):
+        ref = _admit(base, k)
+        for tail in (0.0, 0.5, 0.8, 0.8000004, 0.86):
+            got = _admit([torch.tensor([0.9, 0.8, tail]), base[1]], k)
+            assert min(got[0], 2) == min(ref[0], 2)

@@ -169,3 +169,34 @@ def test_dispatch_switch_and_argument_checks(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with kernels.backend_override("triton"), pytest.raises(RuntimeError, match="needs CUDA"):
             kernels.rejection_sample(p, tok, lens, q, u, noise)
+
+
+_PADDED = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.kernels.test_kernels import ragged_case
+from dspark.kernels import reference as ref, triton_kernels as tk
+p, tok, lens, q, u, noise = ragged_case(seed=0)
+pad = torch.arange(tok.shape[1], device=tok.device)[None, :] >= lens[:, None]
+tok = tok.masked_fill(pad, -(2**40))  # padding far below any valid id
+want = ref.rejection_sample(p, tok, lens, q, u, noise)
+got = tk.rejection_sample(p, tok, lens, q, u, noise)
+assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+print("OK")
+"""
+
+
+def test_rejection_kernel_clamps_negative_padding_ids():
+    """Issue #11 defect 5: the kernel read p[row, slot, id] for padded (negative) ids; with a
+    far-negative id the interpreter segfaulted. It must clamp them like the reference. Run in
+    a subprocess (interpreter on CPU) so a crash fails the test instead of the suite."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _PADDED.format(root=root)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and "OK" in proc.stdout, (proc.returncode, proc.stderr[-1500:])

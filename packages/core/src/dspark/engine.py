@@ -13,6 +13,7 @@ Two ways to run the target, with identical results:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -219,16 +220,18 @@ class SpeculativeEngine:
 
     def add_request(self, prompt_ids: Sequence[int], cfg: GenerationConfig, seed: int | None = None) -> int:
         """Queue a request; it is prefilled at the next :meth:`step`. ``seed`` overrides
-        ``cfg.seed``: every request draws from its own generator, so its samples do not
-        depend on which other requests share the batch. Returns the request id."""
+        ``cfg.seed``; with neither, the request is seeded from fresh OS entropy. Every
+        request draws from generators of its own (one for verification, one for drafting),
+        so its samples do not depend on which other requests share the batch. Returns the
+        request id."""
         check_prompt(prompt_ids, self.target.vocab_size)
         rid = self._next_id
         self._next_id += 1
         s = cfg.seed if seed is None else seed
-        gen = dgen = None
-        if s is not None:
-            gen = torch.Generator(device=self.target.device).manual_seed(s)
-            dgen = torch.Generator(device=self.target.device).manual_seed((s ^ _DRAFT_SEED_SALT) & (2**63 - 1))
+        if s is None:  # unseeded: fresh entropy, still a generator of its own (never the global RNG)
+            s = int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
+        gen = torch.Generator(device=self.target.device).manual_seed(s)
+        dgen = torch.Generator(device=self.target.device).manual_seed((s ^ _DRAFT_SEED_SALT) & (2**63 - 1))
         self._requests[rid] = _Request(rid, list(prompt_ids), cfg, set(cfg.stops(self.target)), gen, dgen)
         self._new.append(rid)
         return rid

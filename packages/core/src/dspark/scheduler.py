@@ -136,8 +136,17 @@ def profile_sps(step: Callable[[int], object], batch_tokens: Sequence[int], repe
 
 def _candidates(survival: Sequence[torch.Tensor]) -> list[tuple[float, int, int]]:
     """(a, j, r) for every draft with a > 0, sorted by a descending, then j, then r: a
-    request's own candidates come in prefix order even when survival values tie."""
-    out = [(float(a), j + 1, r) for r, s in enumerate(survival) for j, a in enumerate(s.tolist()) if a > 0]
+    request's own candidates come in prefix order even when survival values tie.
+
+    Survival is clamped to its running minimum first: whatever its source (rounding lets a
+    cumulative product rise by an ulp), draft j+1 never sorts before draft j, so no draft
+    is admitted because of a later draft's confidence (DSPARK.md section 3)."""
+    out = [
+        (float(a), j + 1, r)
+        for r, s in enumerate(survival)
+        for j, a in enumerate(torch.cummin(s.float(), 0).values.tolist() if s.numel() else [])
+        if a > 0
+    ]
     out.sort(key=lambda c: (-c[0], c[1], c[2]))
     return out
 

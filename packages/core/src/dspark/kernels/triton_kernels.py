@@ -64,7 +64,9 @@ def _rejection_sample_kernel(
     ks = tl.arange(0, KP)
     km = rm[:, None] & (ks[None, :] < K)
     n = tl.load(L + rows, mask=rm, other=0)
-    x = tl.load(D + rows[:, None] * K + ks[None, :], mask=km, other=0)  # [ROWS, KP]
+    # padded slots (past a row's length) may hold -1: clamp like the reference, so no
+    # pointer below a row's probabilities is ever formed (their values are never used)
+    x = tl.maximum(tl.load(D + rows[:, None] * K + ks[None, :], mask=km, other=0), 0)  # [ROWS, KP]
     prow = P + rows * (K + 1) * V  # [ROWS] row base pointers
     px = tl.load(prow[:, None] + ks[None, :] * V + x, mask=km, other=0.0)
     if HAS_Q:
