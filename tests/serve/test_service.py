@@ -13,7 +13,7 @@ from dspark.sampling import SamplingParams
 from dspark.scheduler import PrefixScheduler, SPSProfile
 from dspark.target import Target
 from serve.protocol import prometheus_text
-from serve.service import ServeEngine, ServeRequest, _held_back
+from serve.service import ServeEngine, ServeRequest, TextStream, _held_back
 from tests.train.tiny_model import make_tiny_model_dir
 
 SPS = SPSProfile([1, 4, 8, 16, 32, 64], [100.0, 95.0, 80.0, 60.0, 40.0, 20.0])
@@ -167,3 +167,70 @@ def test_prometheus_text_is_well_formed(target):
     for line in text.splitlines():
         if line and not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])  # every sample has a numeric value
+
+
+class _CharTokenizer:
+    """ids 4.. are the characters 'a'..; 1 is EOS. ``unstable_after``: decoding more than
+    that many ids capitalises the first character (a decode that is not prefix-stable)."""
+
+    chat_template = None
+    eos_token_id = 1
+
+    def __init__(self, unstable_after: int | None = None) -> None:
+        self.unstable_after = unstable_after
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join(chr(ord("a") + (i - 4) % 26) for i in ids if i >= 4)
+        if self.unstable_after is not None and len(ids) > self.unstable_after:
+            text = text[:1].upper() + text[1:]
+        return text
+
+
+def test_stop_string_ending_in_a_partial_utf8_character_is_held_back():
+    """Issue #11 defect 1: stop "a€", decoded text "xa\\ufffd" then "xa€": the client must
+    receive "x", never the "a" that begins the stop string."""
+    assert _held_back("xa\ufffd", ("a€",)) == 2
+    pieces = [b"x", b"a", b"\xe2", b"\x82\xac", b"tail"]
+    stream = TextStream(lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace"), ("a€",))
+    sent, stopped = "", False
+    for i in range(len(pieces)):
+        delta, stopped, count = stream.push([i], final=False)
+        sent += delta
+        if stopped:
+            break
+    assert sent == "x" and stopped and count == 4  # the tokens up to the one completing the stop
+
+
+def test_text_is_not_lost_when_decode_is_not_prefix_stable(target):
+    """Issue #11 defect 3: re-decoding all ids with a tokenizer whose decode of a longer
+    sequence is not an extension of a shorter one used to stall the stream for good."""
+    t = Target(target.model, _CharTokenizer(unstable_after=5), name="unstable")
+    svc = ServeEngine(t, NgramDrafter(num_tokens=4), num_draft=4)
+    evs = run_all(svc, {"x": ServeRequest(prompt=prompts(target, 1)[0], max_tokens=24, temperature=0.0)})["x"]
+    ids = [i for e in evs for i in e.token_ids]
+    text = "".join(e.text for e in evs)
+    assert len(ids) == 24 and text.lower() == _CharTokenizer().decode(ids)
+
+
+def test_stop_cut_trims_token_ids_and_usage(target):
+    """Issue #11 defect 2: after a stop-string cut, token_ids and completion_tokens must end
+    with the token that completed the stop string, also when one engine step brought
+    several tokens past it (accepted drafts)."""
+    from serve.service import _Live
+
+    class OneStep:  # the engine's side of a step that gained 6 tokens, still running
+        def finish_reason(self, rid):
+            return None
+
+        def cancel(self, rid):
+            pass
+
+    t = Target(target.model, _CharTokenizer(), name="chars")
+    svc = ServeEngine(t, None)
+    svc.engine = OneStep()
+    live = _Live("u", 0, 3, TextStream(t.decode, ("cd",)))
+    svc._live["u"], svc._by_rid[0] = live, "u"
+    first = svc._advance(live, [4, 5])  # "ab"
+    ev = svc._advance(live, [6, 7, 8, 9, 10, 11])  # "cdefgh": the stop "cd" then 4 more tokens
+    assert first.text + ev.text == "ab" and ev.finish_reason == "stop"
+    assert first.token_ids + ev.token_ids == [4, 5, 6, 7] and ev.completion_tokens == 4

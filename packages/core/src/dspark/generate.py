@@ -64,7 +64,7 @@ def _ids(tokens: Sequence[int], device: torch.device) -> torch.Tensor:
 def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig) -> GenerationResult:
     """Plain autoregressive decoding with a KV cache (greedy or sampled)."""
     check_prompt(prompt_ids, target.vocab_size)
-    gen, stops, params = cfg.generator(), set(cfg.stops(target)), cfg.sampling
+    gen, stops, params = cfg.generator(target.device), set(cfg.stops(target)), cfg.sampling
     stats = SpecStats()
     t0 = time.perf_counter()
     cache = target.new_cache()
@@ -100,7 +100,7 @@ def speculative_generate_reference(
     the two implementations check each other.
     """
     check_prompt(prompt_ids, target.vocab_size)
-    gen, stops, params = cfg.generator(), set(cfg.stops(target)), cfg.sampling
+    gen, stops, params = cfg.generator(target.device), set(cfg.stops(target)), cfg.sampling
     stats = SpecStats()
     t0 = time.perf_counter()
     cache = target.new_cache()
@@ -123,7 +123,7 @@ def speculative_generate_reference(
             if params.greedy:
                 ok = x == int(p[i].argmax())
             else:
-                ok = float(torch.rand((), generator=gen)) * q_x < float(p[i, x])
+                ok = float(torch.rand((), generator=gen, device=p.device)) * q_x < float(p[i, x])
             if not ok:
                 # rejected: resample from what the target wants and the draft over-offered
                 q = torch.zeros_like(p[i])

@@ -58,14 +58,78 @@ class Event:
     completion_tokens: int
 
 
+class TextStream:
+    """Incremental detokenization and stop strings for one request.
+
+    Tokens are decoded in a short window: ``ids[prefix:read]`` is the context already turned
+    into text, and only what decoding ``ids[prefix:]`` adds past that context is appended,
+    so text is never lost even when a tokenizer's decode of a longer sequence is not an
+    extension of its decode of a shorter one (the old whole-text diff then sent nothing for
+    the rest of the request). An incomplete UTF-8 character (decoded as U+FFFD at the end)
+    waits for its next bytes. Text that could still grow into a stop string is held back;
+    on a stop the text ends before it and the token count ends with the token that
+    completed the stop string.
+    """
+
+    def __init__(self, decode: Any, stops: Sequence[str] = ()) -> None:
+        self.decode, self.stops = decode, tuple(stops)
+        self.ids: list[int] = []
+        self.text = ""  # everything detokenized so far (only ever grows)
+        self.sent = ""  # what the client has received (a prefix of text)
+        self.prefix = self.read = 0
+        self.marks: list[tuple[int, int, int]] = [(0, 0, 0)]  # (tokens read, len(text), window start) per absorption
+
+    def _absorb(self, final: bool) -> None:
+        if self.read == len(self.ids):
+            return
+        ctx = self.decode(self.ids[self.prefix : self.read])
+        full = self.decode(self.ids[self.prefix :])
+        if full.endswith("\ufffd") and not final:
+            return  # part of a multi-byte character: wait for the rest
+        same = len(ctx) if full.startswith(ctx) else next((i for i, (a, b) in enumerate(zip(ctx, full)) if a != b), min(len(ctx), len(full)))
+        self.text += full[same:]
+        self.marks.append((len(self.ids), len(self.text), self.prefix))
+        self.prefix, self.read = self.read, len(self.ids)
+
+    def _tokens_through(self, end: int) -> int:
+        """The fewest tokens whose text reaches character ``end``: the absorption that
+        crossed it is re-decoded one token at a time within its own window."""
+        for (n0, l0, _), (n1, l1, p) in zip(self.marks, self.marks[1:]):
+            if l1 >= end:
+                ctx = self.decode(self.ids[p:n0])
+                for n in range(n0 + 1, n1):
+                    piece = self.decode(self.ids[p:n])
+                    if not piece.endswith("\ufffd") and l0 + len(piece) - len(ctx) >= end:
+                        return n
+                return n1
+        return len(self.ids)
+
+    def push(self, toks: Sequence[int], final: bool) -> tuple[str, bool, int]:
+        """Add new tokens. Returns (text to send now, whether a stop string ended it,
+        tokens that count as completion tokens so far)."""
+        self.ids.extend(int(t) for t in toks)
+        self._absorb(final)
+        start = max(0, len(self.sent) - max((len(s) for s in self.stops), default=0))
+        hit = _find_stop_end(self.text, self.stops, start)
+        if hit is not None:
+            cut, end = hit
+            visible = self.text[: max(cut, len(self.sent))]
+            count = self._tokens_through(end)
+        else:
+            visible = self.text if final else self.text[: len(self.text) - _held_back(self.text, self.stops)]
+            count = len(self.ids)
+        delta = visible[len(self.sent) :]
+        self.sent += delta
+        return delta, hit is not None, count
+
+
 @dataclass
 class _Live:
     uid: str
     rid: int
     prompt_tokens: int
-    stops: tuple[str, ...]
+    stream: TextStream
     ids: list[int] = field(default_factory=list)
-    sent: str = ""
 
 
 class ServeMetrics:
@@ -241,7 +305,7 @@ class ServeEngine:
         for uid, req, ids in admit:
             cfg = GenerationConfig(max_new_tokens=req.max_tokens, sampling=req.sampling(), seed=req.seed)
             rid = self.engine.add_request(ids, cfg, seed=req.seed)
-            self._live[uid] = _Live(uid, rid, len(ids), tuple(req.stop))
+            self._live[uid] = _Live(uid, rid, len(ids), TextStream(self.target.decode, tuple(req.stop)))
             self._by_rid[rid] = uid
         for e in events:
             if e.finish_reason is not None:
@@ -263,21 +327,18 @@ class ServeEngine:
         return events
 
     def _advance(self, live: _Live, toks: list[int]) -> Event:
+        before = len(live.ids)
         live.ids.extend(toks)
         finish: FinishReason | None = self.engine.finish_reason(live.rid)
-        text = self.target.decode(live.ids)
-        cut = _find_stop(text, live.stops, max(0, len(live.sent) - max((len(s) for s in live.stops), default=0)))
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        if finish is None:
-            text = text[: len(text) - _held_back(text, live.stops)]
-        delta = text[len(live.sent) :] if text.startswith(live.sent) else ""
-        live.sent += delta
+        delta, stopped, count = live.stream.push(toks, final=finish is not None)
+        if stopped:
+            finish = "stop"
+            del live.ids[count:]  # tokens past the stop string are not part of the completion
         if finish is not None:
             self.engine.cancel(live.rid)  # frees the slot (a no-op cleanup if it already finished)
             self._live.pop(live.uid, None)
             self._by_rid.pop(live.rid, None)
-        return Event(live.uid, delta, list(toks), finish, live.prompt_tokens, len(live.ids))
+        return Event(live.uid, delta, list(toks[: max(0, len(live.ids) - before)]), finish, live.prompt_tokens, len(live.ids))
 
 
 def profile_target_sps(target: Any, batch_tokens: Sequence[int], context: int = 256, repeats: int = 5) -> Any:
@@ -301,23 +362,24 @@ def profile_target_sps(target: Any, batch_tokens: Sequence[int], context: int = 
         return profile_sps(step, list(batch_tokens), repeats=repeats)
 
 
-def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
-    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+def _find_stop_end(text: str, stops: Sequence[str], start: int) -> tuple[int, int] | None:
+    """(start, end) of the earliest stop string in ``text[start:]``, or None."""
+    hits = [(i, i + len(s)) for s in stops if (i := text.find(s, start)) >= 0]
     return min(hits) if hits else None
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """Characters at the end of ``text`` not to send yet: an incomplete UTF-8 character
-    (decoded as U+FFFD) or a suffix that may still grow into a stop string."""
+    (decoded as U+FFFD) and, before it, a suffix that may still grow into a stop string
+    (both: a stop string may end in the character still being decoded)."""
     n = 0
     while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
         n += 1
-    if n:
-        return n
+    body = text[: len(text) - n]
     best = 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
+        for k in range(min(len(s) - 1, len(body)), 0, -1):
+            if body.endswith(s[:k]):
                 best = max(best, k)
                 break
-    return best
+    return n + best
