@@ -263,3 +263,28 @@ def test_async_admission_with_a_later_draft_above_an_earlier_one():
         for tail in (0.0, 0.5, 0.8, 0.8000004, 0.86):
             got = _admit([torch.tensor([0.9, 0.8, tail]), base[1]], k)
             assert min(got[0], 2) == min(ref[0], 2)
+
+
+def test_async_budget_counts_engine_steps_per_group():
+    """Issue #11 defect 7: with two sampling-parameter groups scheduled in each engine step,
+    a group's budget must come from its own survival two engine steps earlier (it used to
+    come from whatever call was two calls back, i.e. the other group)."""
+    sps = SPSProfile([1, 2, 3, 4, 5, 6], [1.0] * 6)  # flat: the global budget takes every candidate
+    sch = PrefixScheduler("async", sps=sps, initial_budget=0)
+    many, none = surv([0.9, 0.8, 0.7]), surv([0.01, 0.001, 0.0001])
+    for _ in range(2):  # steps 1-2: no history yet -> the initial budget
+        sch.begin_step()
+        assert sch.verify_lengths(many, group="A") == [0]
+        assert sch.verify_lengths(none, group="B") == [0]
+    sch.begin_step()  # step 3: each group uses its own step-1 budget (flat SPS: all 3 candidates)
+    assert sch.verify_lengths(many, group="A") == [3]
+    assert sch.verify_lengths(none, group="B") == [3]
+    sch2 = PrefixScheduler("async", sps=SPSProfile([1, 2, 3, 4], [1.0, 0.5, 0.34, 0.26]), initial_budget=0)
+    # B's candidates never pay: its budget stays 0 while A's is 3, whatever the call order
+    for step in range(4):
+        sch2.begin_step()
+        a = sch2.verify_lengths(surv([0.99, 0.98, 0.97]), group="A")
+        b = sch2.verify_lengths(none, group="B")
+        # steps 1-2 have no budget from two engine steps back (the per-call queue gave A
+        # a budget at step 2, from two calls back)
+        assert b == [0] and a == ([0] if step < 2 else [3]), (step, a, b)

@@ -13,6 +13,7 @@ Two ways to run the target, with identical results:
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -193,7 +194,7 @@ class SpeculativeEngine:
             return Proposal(torch.zeros((n, 0), dtype=torch.long), torch.zeros(n, dtype=torch.long))
         return self.drafter.propose(state)
 
-    def _schedule(self, prop: Proposal, lens: torch.Tensor, active: list[int], draft_s: float = 0.0) -> torch.Tensor:
+    def _schedule(self, prop: Proposal, lens: torch.Tensor, active: list[int], draft_s: float = 0.0, params: SamplingParams | None = None) -> torch.Tensor:
         if prop.confidence is None and self.scheduler.needs_confidence:
             raise ValueError(
                 f"scheduler policy {self.scheduler.policy!r} needs drafter confidences; "
@@ -203,7 +204,8 @@ class SpeculativeEngine:
             torch.cumprod(prop.confidence[i, : int(n)].float().cpu(), 0) if prop.confidence is not None else torch.ones(int(n))
             for i, n in enumerate(lens)
         ]
-        chosen = torch.minimum(lens, torch.tensor(self.scheduler.verify_lengths(survival, active), dtype=torch.long))
+        kw = {"group": params} if "group" in inspect.signature(self.scheduler.verify_lengths).parameters else {}
+        chosen = torch.minimum(lens, torch.tensor(self.scheduler.verify_lengths(survival, active, **kw), dtype=torch.long))
         if hasattr(self.scheduler, "observe"):
             self.scheduler.observe(draft_s, survival, chosen.tolist())
         return chosen
@@ -289,6 +291,8 @@ class SpeculativeEngine:
         params. Returns the tokens each request gained in this step."""
         runner, gained = self._runner(), {}
         self.last_round = []
+        if self.scheduler is not None and hasattr(self.scheduler, "begin_step"):
+            self.scheduler.begin_step()  # async budgets count engine steps, not per-group calls
         if self._new:
             t0 = time.perf_counter()
             new, self._new = self._new, []
@@ -337,7 +341,7 @@ class SpeculativeEngine:
         t_d = time.perf_counter() - t_d
         lens = torch.minimum(prop.lens.cpu(), room)
         if self.scheduler is not None and bool((lens > 0).any()):
-            lens = self._schedule(prop, lens, ids, t_d)
+            lens = self._schedule(prop, lens, ids, t_d, params)
         k = prop.tokens.shape[1]
         drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(reqs))]
         logits, feats = runner.score(ids, seqs, drafts, k)

@@ -185,7 +185,9 @@ class PrefixScheduler:
     initial_budget: int = 0
     draft_gate: bool = False
     probe_every: int = 8
-    _budgets: deque = field(default_factory=deque, repr=False)
+    _budgets: dict = field(default_factory=dict, repr=False)  # (engine step, group) -> budget computed then
+    _step: int = field(default=0, repr=False)
+    _driven: bool = field(default=False, repr=False)  # an engine calls begin_step
     _draft_s: float | None = field(default=None, repr=False)  # EMA of seconds per draft call
     _per_req: tuple[float, float] | None = field(default=None, repr=False)  # (expected accepted, verified) per request
     _skipped: int = field(default=0, repr=False)
@@ -227,10 +229,24 @@ class PrefixScheduler:
     def needs_confidence(self) -> bool:
         return self.policy in ("threshold", "sync", "async")
 
-    def verify_lengths(self, survival: Sequence[torch.Tensor], request_ids: Sequence[int] | None = None) -> list[int]:
+    def begin_step(self) -> None:
+        """The engine calls this once at the start of every engine step: ``async`` budgets
+        are "from two engine steps earlier", however many groups each step schedules."""
+        self._driven = True
+        self._next_step()
+
+    def _next_step(self) -> None:
+        self._step += 1
+        for key in [k for k in self._budgets if k[0] < self._step - 2]:
+            del self._budgets[key]
+
+    def verify_lengths(
+        self, survival: Sequence[torch.Tensor], request_ids: Sequence[int] | None = None, group: object = None
+    ) -> list[int]:
         """survival: per request, [n_r] prefix-survival probabilities of its drafts
         (non-increasing). Returns l_r in 0..n_r. ``request_ids`` is for schedulers that
-        keep per-request state (this one schedules the batch as a whole)."""
+        keep per-request state (this one schedules the batch as a whole); ``group`` names
+        the batch scheduled (the engine schedules each sampling-parameter group apart)."""
         for r, s in enumerate(survival):
             if s.numel() > 1 and bool((s[1:] > s[:-1] + 1e-6).any()):
                 raise ValueError(f"survival of request {r} must be non-increasing (a cumulative product)")
@@ -244,7 +260,7 @@ class PrefixScheduler:
         elif self.policy == "sync":
             lens = self._sync(survival)
         else:
-            lens = self._async(survival)
+            lens = self._async(survival, group)
         self.history.append(lens)
         return lens
 
@@ -261,13 +277,17 @@ class PrefixScheduler:
             lens[r] = j
         return lens
 
-    def _async(self, survival: Sequence[torch.Tensor]) -> list[int]:
-        # the budget used now was computed two steps ago; this step's goes to step t+2
-        k = self._budgets.popleft() if len(self._budgets) >= 2 else self.initial_budget
-        self._budgets.append(global_budget(survival, self.sps))
+    def _async(self, survival: Sequence[torch.Tensor], group: object = None) -> list[int]:
+        # the budget used now was computed two engine steps ago for the same group; this
+        # step's goes to step t+2 (without begin_step calls, every call counts as a step)
+        if not self._driven:
+            self._next_step()
+        k = self._budgets.get((self._step - 2, group), self.initial_budget)
+        self._budgets[(self._step, group)] = global_budget(survival, self.sps)
         return _admit(survival, k)
 
     def reset(self) -> None:
         self._budgets.clear()
+        self._step, self._driven = 0, False
         self.history.clear()
         self._draft_s, self._per_req, self._skipped = None, None, 0
