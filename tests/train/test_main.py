@@ -121,4 +121,4 @@ def test_onpolicy_file_end_to_end_and_refused_for_another_target(tmp_path, tiny_
     ho = json.loads((out / "heldout_tau.done.json").read_text())["tau_est"]
     assert ho["onpolicy"] is not None and ho["reference"] is not None and ho["onpolicy"] >= 1.0
     refused = train(tmp_path, *common, "data.responses=onpolicy", f"output_dir={tmp_path}/o2")  # the shipped Gemma file
-    assert refused.returncode != 0 and "not from this target" in refused.stderr
+    assert refused.returncode == 2 and "[train] data error: " in refused.stderr and "not from this target" in refused.stderr

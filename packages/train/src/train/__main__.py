@@ -1,6 +1,6 @@
 """``python -m train experiment=<target>_<drafter>``: the project's main job.
 
-Stages: prompts -> responses -> target features (online) -> Lightning distillation ->
+Stages: prompts -> on-policy responses -> target features -> Lightning distillation ->
 STS calibration -> evaluation, tracked in MLflow; see train/pipeline.py.
 """
 
@@ -17,12 +17,17 @@ from train.paths import conf_dir
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from train.data import DataError
     from train.pipeline import run
+    from train.regenerate import ResponsesError
 
     try:
         run(cfg)
     except ConfigError as e:
         print(f"[train] config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (DataError, ResponsesError) as e:  # bad input, not a bug: the message says what to fix
+        print(f"[train] data error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -262,9 +262,15 @@ def _main(argv: Sequence[str] | None = None) -> None:
     if a.limit:
         rows = rows[: a.limit]
     out = repo_path(a.out)
+    before = len(read_done(out))
     t0 = time.perf_counter()
     res = regenerate(target, rows, out, a.max_new_tokens, a.temperature, a.seed, a.batch_size, time_budget_s=a.time_budget)
     n_tok = sum(len(r.response_ids or []) for r in res.values())
+    command = "python -m train.regenerate " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta_path = Path(str(out) + META_SUFFIX)
+    history = json.loads(meta_path.read_text()).get("history", []) if meta_path.exists() else []
+    history.append({"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    "rows_added": len(res) - before, "seconds": round(time.perf_counter() - t0, 1)})
     meta = {
         "target": target.name,
         "target_fingerprint": target_fingerprint(target),
@@ -281,9 +287,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
         "prompt_format": target.prompt_format.plain_template if not target.prompt_format.uses_chat_template(target.tokenizer) else "chat template",
         "rows": len(res),
         "response_tokens": n_tok,
-        "command": "python -m train.regenerate " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "seconds_last_run": round(time.perf_counter() - t0, 1),
+        "history": history,  # every run that added rows (a rerun resumes per prompt id)
     }
     write_meta(out, meta)
     print(json.dumps(meta, indent=1))
