@@ -127,16 +127,14 @@ def sample_batch(
     pos = (att.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens start at position 0
     cache = DynamicCache(config=target.model.config)
     W = target.get_lm_head_weight()
-    softcap = getattr(target, "_softcap", None)
+    softcap = getattr(target.config, "final_logit_softcapping", None)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     cur_ids, cur_pos = ids, pos
     for _ in range(max_new_tokens):
-        o = target.decoder(
-            input_ids=cur_ids.to(dev), attention_mask=att.to(dev), position_ids=cur_pos.to(dev),
-            use_cache=True, **{target._cache_kw: cache},
-        )
-        h = o.last_hidden_state[:, -1]
+        o = target.forward(cur_ids, cache, logits="none", final_hidden=True,
+                           model_kwargs={"attention_mask": att.to(dev), "position_ids": cur_pos.to(dev)})
+        h = o.final_hidden[:, -1]
         logits = (W @ h.T).T.float()  # [B, V]; this layout is the fast one on CPU for few rows
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
