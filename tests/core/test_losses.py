@@ -41,3 +41,52 @@ def test_dspark_loss_terms_and_gradients():
     same = dspark_loss(t.clone(), t, y, mask)
     assert float(same.tv) < 1e-5 and torch.allclose(same.accept, torch.ones(3))
     assert abs(live_tau(torch.ones(3)) - 4.0) < 1e-6 and abs(live_tau(torch.tensor([0.5, 0.5])) - 1.75) < 1e-6
+
+
+def _draft_ids_of(top_idx, vocab_ids, V):
+    to_d = torch.full((V,), -1)
+    to_d[vocab_ids] = torch.arange(len(vocab_ids))
+    return to_d[top_idx]
+
+
+def test_truncated_terms_equal_the_exact_ones_when_k_covers_the_vocabulary():
+    from dspark import kernels
+    from dspark.losses import truncated_terms
+
+    g = torch.Generator().manual_seed(2)
+    V, K = 40, 25
+    vid = torch.randperm(V, generator=g)[:K].sort().values  # a draft vocabulary with 15 target ids outside it
+    full_t = 2 * torch.randn(6, V, generator=g)
+    d = torch.randn(6, K, generator=g)
+    y = torch.randint(0, K, (6,), generator=g)
+    y[0] = -100
+    d_ext, t_ext = with_outside_mass(d, full_t, vid)
+    ce, l1, acc = kernels.distill_loss(d_ext, t_ext, y)
+    top = torch.log_softmax(full_t, -1).topk(V, -1)
+    ce2, l12, acc2 = truncated_terms(d, _draft_ids_of(top.indices, vid, V), top.values, y)
+    torch.testing.assert_close(ce2, ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l12, l1, atol=1e-5, rtol=1e-5)
+    assert float(ce2[0]) == 0.0
+    # truncated: a lower bound of the L1 (merging outcomes), the same CE, and it trains the draft
+    dd = d.clone().requires_grad_(True)
+    top8 = torch.log_softmax(full_t, -1).topk(8, -1)
+    ce3, l13, _ = truncated_terms(dd, _draft_ids_of(top8.indices, vid, V), top8.values, y)
+    assert bool((l13 <= l1 + 1e-6).all()) and bool((l13 < l1 - 1e-3).any())
+    torch.testing.assert_close(ce3, ce, atol=1e-5, rtol=1e-5)
+    (ce3.sum() + l13.sum()).backward()
+    assert dd.grad is not None and float(dd.grad.abs().sum()) > 0
+
+
+def test_truncated_soft_ce_equals_the_exact_soft_ce_over_the_draft_vocabulary():
+    from dspark.losses import truncated_soft_ce
+
+    g = torch.Generator().manual_seed(3)
+    V, K = 30, 30  # full draft vocabulary: no outside tokens, so the soft CEs agree exactly
+    full_t = torch.randn(4, V, generator=g)
+    d = torch.randn(4, K, generator=g)
+    p = torch.softmax(full_t, -1)
+    want = -(p * torch.log_softmax(d, -1)).sum(-1)
+    top = torch.log_softmax(full_t, -1).topk(V, -1)
+    ce, l1 = truncated_soft_ce(d, top.indices, top.values)
+    torch.testing.assert_close(ce, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, (torch.softmax(d, -1) - p).abs().sum(-1), atol=1e-5, rtol=1e-5)

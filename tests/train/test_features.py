@@ -129,3 +129,36 @@ def test_collate_pads_cached_features(target, tmp_path):
     T = max(len(e.input_ids) for e in exs)
     assert batch["feats"].shape == (3, T, 2 * target.hidden_size) and batch["final"].shape == (3, T, target.hidden_size)
     assert batch["feats"].dtype == torch.bfloat16 and float(batch["feats"][0, len(exs[0].input_ids):].abs().sum()) == 0
+
+
+def test_topk_cache_holds_the_targets_top_log_probs_where_training_reads_them(target, tmp_path):
+    exs = examples()
+    path = F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, batch_size=3, progress=False)
+    cache = F.FeatureCache(path, dtype=torch.float32)
+    k = 5
+    tdir = F.build_topk(target, exs, cache, k, progress=False)
+    top = F.TopkCache(tdir, cache)
+    for i, e in enumerate(exs):
+        ids, logp = top[i]
+        _, h = cache[i]
+        want = torch.log_softmax(target.lm_head(h).float(), -1).topk(k, -1)
+        need = torch.tensor(e.loss_mask[1:] + [0], dtype=torch.bool)  # row t is read when token t+1 is a loss token
+        assert torch.equal(ids[need], want.indices[need])
+        torch.testing.assert_close(logp[need], want.values[need])
+        assert bool(torch.isinf(logp[~need]).all())
+    # resumable per shard: a lost shard is rebuilt, the others are reused as they are
+    (tdir / "manifest.json").unlink()
+    (tdir / "shard-00001.bin").unlink()
+    stamp = (tdir / "shard-00000.bin").stat().st_mtime_ns
+    assert F.build_topk(target, exs, cache, k, progress=False) == tdir
+    assert (tdir / "shard-00000.bin").stat().st_mtime_ns == stamp and (tdir / "shard-00001.bin").exists()
+    again = F.TopkCache(tdir, cache)
+    assert all(torch.equal(again[i][0], top[i][0]) for i in range(len(exs)))
+    # batches carry the top-k rows; padding rows hold log-prob -inf
+    batch = collate([ExampleDataset(exs, cache, again)[i] for i in (0, 6)])
+    assert batch["top_ids"].shape == (2, len(exs[6].input_ids), k)
+    assert bool(torch.isinf(batch["top_logp"][0, len(exs[0].input_ids):]).all())
+    # a top-k cache built for other features is refused
+    other = F.FeatureCache(F.build(target, exs[:3], LAYERS, tmp_path, progress=False))
+    with pytest.raises(F.FeatureCacheError, match="belongs to features"):
+        F.TopkCache(tdir, other)

@@ -61,6 +61,36 @@ def test_training_lowers_the_loss(tmp_path, kind):
         assert l1 < 0.95 * l0
 
 
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_truncated_targets_train_like_the_exact_ones(tmp_path, kind):
+    """With the target's top-k cached (trainer.target_topk) the step reads no LM head; on a
+    vocabulary the k tokens cover, the loss equals the exact one, and training works."""
+    from train import features as F
+    from train.fit import ExampleDataset
+
+    t = char_target()
+    exs = examples(t)
+    cache = F.FeatureCache(F.build(t, exs, [0, 1], tmp_path / "f", progress=False), dtype=torch.float32)
+    full = F.TopkCache(F.build_topk(t, exs, cache, t.vocab_size, progress=False), cache)
+    ds = ExampleDataset(exs, cache, full)
+    batch = collate([ds[i] for i in range(8)])
+    exact = {k: v for k, v in batch.items() if not k.startswith("top_")}
+    m = make_module(t, kind, 30)
+    losses = []
+    for b in (exact, batch):
+        m.gen.manual_seed(1)
+        with torch.no_grad():
+            losses.append(float((m.ttt_loss(b) if kind == "eagle3" else m.block_loss(b))["loss"]))
+    assert abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0])
+    # a truncated cache: training through fit lowers the exact loss
+    top4 = F.TopkCache(F.build_topk(t, exs, cache, 4, progress=False), cache)
+    fit(m, exs, tmp_path / "fit", max_steps=30, batch_size=8, progress=False, features=cache, topk=top4)
+    m.gen.manual_seed(1)
+    with torch.no_grad():
+        after = m.ttt_loss(exact) if kind == "eagle3" else m.block_loss(exact)
+    assert float(after["loss"]) < losses[0]
+
+
 class Crash(L.Callback):
     def __init__(self, at: int) -> None:
         self.at = at
@@ -88,3 +118,33 @@ def test_interrupted_training_resumes_from_last_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(fit_mod.L, "Trainer", real_trainer)
     fit(make_module(t, "dspark", 20), exs, tmp_path, max_steps=20, batch_size=4, ckpt_every=10, progress=False)
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 20
+
+
+def test_a_checkpoint_of_another_configuration_is_never_resumed(tmp_path, monkeypatch, capsys):
+    """An interrupted run resumes only the configuration it was training: a leftover
+    checkpoint of another one (other steps, data, loss) is deleted, not continued."""
+    t = char_target()
+    exs = examples(t)
+    fit(make_module(t, "dspark", 10), exs, tmp_path, max_steps=10, batch_size=4, progress=False, run_key="A")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 10
+    # same key: finished work is resumed (nothing left to do)
+    fit(make_module(t, "dspark", 10), exs, tmp_path, max_steps=10, batch_size=4, progress=False, run_key="A")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 10
+    # another key with more steps: trains from step 0, all of its own steps
+    seen = []
+    import train.fit as fit_mod
+
+    real_trainer = L.Trainer
+
+    class First(L.Callback):
+        def on_train_start(self, trainer, *args) -> None:
+            seen.append(trainer.global_step)
+
+    def watching(**kw):
+        kw["callbacks"] = kw["callbacks"] + [First()]
+        return real_trainer(**kw)
+
+    monkeypatch.setattr(fit_mod.L, "Trainer", watching)
+    fit(make_module(t, "dspark", 12), exs, tmp_path, max_steps=12, batch_size=4, progress=False, run_key="B")
+    assert seen == [0] and "belong to another configuration" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 12

@@ -9,6 +9,13 @@ DFlash: CE only (same weights). Eagle3: step k of the unroll weighted 0.8^k (see
 With a draft vocabulary the target's mass outside it still counts: :func:`with_outside_mass`
 appends one column holding it (the draft gives it probability 0), so the L1 term is the
 exact full-vocabulary distance.
+
+Truncated targets (:func:`truncated_terms`): training can read the target's top-k
+probabilities per token from the offline cache instead of running its LM head. The
+distribution is then compared on a coarser partition: the k top tokens one by one and
+everything else as one bucket. Merging outcomes never increases an L1 distance, so the
+truncated ||p_d - p_t||_1 is a lower bound of the exact one (and the acceptance label an
+upper bound); both are exact when the k tokens hold all of the target's mass.
 """
 
 from __future__ import annotations
@@ -32,14 +39,59 @@ def with_outside_mass(draft_logits: torch.Tensor, target_full_logits: torch.Tens
     ([..., K+1], [..., K+1]): column K is the target's log-mass outside the vocabulary
     and -inf for the draft."""
     inside = target_full_logits.index_select(-1, vocab_ids)
-    outside_mask = torch.ones(target_full_logits.shape[-1], dtype=torch.bool, device=vocab_ids.device)
-    outside_mask[vocab_ids] = False
-    if outside_mask.any():
-        rest = torch.logsumexp(target_full_logits[..., outside_mask].float(), dim=-1, keepdim=True).to(inside.dtype)
+    if vocab_ids.numel() < target_full_logits.shape[-1]:
+        # log(Z_all - Z_inside) without copying the outside columns out of the row; the
+        # absolute error in the outside probability is at fp32 rounding (~1e-7)
+        lse_all = torch.logsumexp(target_full_logits.float(), dim=-1, keepdim=True)
+        lse_in = torch.logsumexp(inside.float(), dim=-1, keepdim=True)
+        rest = (lse_all + torch.log1p(-torch.exp(lse_in - lse_all).clamp_max(1.0))).to(inside.dtype)
     else:
         rest = torch.full_like(inside[..., :1], -math.inf)
     neg = torch.full_like(draft_logits[..., :1], -math.inf)
     return torch.cat([draft_logits, neg], -1), torch.cat([inside, rest], -1)
+
+
+def _truncated(draft_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor):
+    N, K = draft_logits.shape
+    if top_ids.shape != top_logp.shape or top_ids.shape[0] != N:
+        raise ValueError(f"top_ids {tuple(top_ids.shape)} and top_logp {tuple(top_logp.shape)} must both be [N={N}, k]")
+    logq = torch.log_softmax(draft_logits.float(), -1)  # draft log-probs [N, K]
+    inside = top_ids >= 0
+    logq_top = logq.gather(1, top_ids.clamp_min(0)).masked_fill(~inside, -math.inf)  # the draft has no mass outside its vocabulary
+    p_top = top_logp.float().detach().exp()
+    q_top = logq_top.exp()
+    q_rest = (1 - q_top.sum(-1)).clamp_min(0)
+    p_rest = (1 - p_top.sum(-1)).clamp_min(0)
+    return logq, logq_top, q_top, p_top, q_rest, p_rest
+
+
+def truncated_terms(
+    draft_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token CE, L1 and acceptance against a truncated target, differentiable in the draft.
+
+    draft_logits [N, K] over the draft vocabulary; top_ids [N, k] the target's k most
+    likely tokens as draft-vocabulary ids (-1: the token is outside the draft vocabulary,
+    where the draft has no mass); top_logp [N, k] their target log-probabilities (over the
+    full target vocabulary); labels [N] draft ids (-100 = no CE). CE is exact (it needs only
+    the label); L1 is over {each top token} + {the rest}, a lower bound of the exact L1.
+    Returns fp32 [N] each, like :func:`dspark.kernels.distill_loss`.
+    """
+    logq, _, q_top, p_top, q_rest, p_rest = _truncated(draft_logits, top_ids, top_logp)
+    l1 = (q_top - p_top).abs().sum(-1) + (q_rest - p_rest).abs()
+    ce = -logq.gather(1, labels.clamp_min(0)[:, None])[:, 0] * (labels >= 0)
+    return ce, l1, (1 - 0.5 * l1).detach()
+
+
+def truncated_soft_ce(draft_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eagle3's soft cross-entropy against a truncated target, on the same partition as
+    :func:`truncated_terms`: -(sum_top p_t log q + p_t(rest) log q(rest)). Returns
+    (soft CE [N], L1 [N]); a top token outside the draft vocabulary adds no CE term (the
+    exact soft CE over the draft vocabulary ignores it too)."""
+    _, logq_top, q_top, p_top, q_rest, p_rest = _truncated(draft_logits, top_ids, top_logp)
+    ce = -(p_top * logq_top.clamp_min(-1e4)).sum(-1) - p_rest * torch.log(q_rest.clamp_min(1e-12))
+    l1 = (q_top - p_top).abs().sum(-1) + (q_rest - p_rest).abs()
+    return ce, l1
 
 
 @dataclass
@@ -67,11 +119,27 @@ def dspark_loss(
     w_tv = w_conf = 0 gives the DFlash objective (CE only)."""
     N, g, C = draft_logits.shape
     ce, l1, acc = kernels.distill_loss(draft_logits.reshape(-1, C), target_logits.reshape(-1, C), labels.reshape(-1))
-    ce, l1, acc = ce.view(N, g), l1.view(N, g), acc.view(N, g)
-    w = position_weights(g, decay, draft_logits.device)[None, :] * mask.float()
+    return combine_terms(ce.view(N, g), l1.view(N, g), acc.view(N, g), mask, conf_logits, w_ce, w_tv, w_conf, decay)
+
+
+def combine_terms(
+    ce: torch.Tensor,
+    l1: torch.Tensor,
+    acc: torch.Tensor,
+    mask: torch.Tensor,
+    conf_logits: torch.Tensor | None = None,
+    w_ce: float = 0.1,
+    w_tv: float = 0.9,
+    w_conf: float = 1.0,
+    decay: float = 4.0,
+) -> LossTerms:
+    """Per-token terms [N, g] (exact from :func:`dspark_loss` or truncated from
+    :func:`truncated_terms`) -> the position-weighted DSpark objective."""
+    g = ce.shape[1]
+    w = position_weights(g, decay, ce.device)[None, :] * mask.float()
     denom = w.sum().clamp_min(1e-8)
     ce_m, tv_m = (ce * w).sum() / denom, (l1 * w).sum() / denom
-    conf_m = torch.zeros((), device=draft_logits.device)
+    conf_m = torch.zeros((), device=ce.device)
     if conf_logits is not None:
         bce = F.binary_cross_entropy_with_logits(conf_logits.float(), acc, reduction="none")
         conf_m = (bce * w).sum() / denom

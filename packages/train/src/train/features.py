@@ -228,3 +228,113 @@ class FeatureCache:
             x = q * scale
         x = x.to(self.dtype)
         return x[:, :-1].reshape(n, (W - 1) * d), x[:, -1]
+
+
+# ---------------------------------------------------------------------------------------
+# Truncated target distributions: the target's top-k log-probabilities per token, so that
+# training never runs the 262k-row LM head (dspark.losses.truncated_terms).
+#
+#     <feature dir>/topk-<k>/shard-00000.bin   rows of k int32 ids + k fp32 log-probs
+#     <feature dir>/topk-<k>/shard-00000.json  commits the shard (as for the features)
+#     <feature dir>/topk-<k>/manifest.json     written last
+#
+# A row is filled only where training reads it: position t, whose hidden state predicts
+# token t+1, when token t+1 is a loss token. Other rows hold id 0 with log-prob -inf.
+# The rows come from the cached (storage-rounded) final hidden states, exactly what the
+# exact path of training feeds the LM head.
+
+
+def _topk_rows(target: Any, final: torch.Tensor, need: torch.Tensor, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """final [n, d], need [n] bool -> ids [n, k] int32, log-probs [n, k] fp32."""
+    n = final.shape[0]
+    ids = np.zeros((n, k), dtype=np.int32)
+    logp = np.full((n, k), -np.inf, dtype=np.float32)
+    rows = need.nonzero().flatten()
+    for s in range(0, len(rows), chunk):
+        r = rows[s : s + chunk]
+        with torch.no_grad():
+            lp = torch.log_softmax(target.lm_head(final[r].to(target.dtype)).float(), -1)
+            top = lp.topk(k, -1)
+        ids[r.numpy()] = top.indices.to(torch.int32).numpy()
+        logp[r.numpy()] = top.values.numpy()
+    return ids, logp
+
+
+def build_topk(target: Any, examples: Sequence[Any], features: "FeatureCache", k: int, chunk: int = 256, progress: bool = True) -> Path:
+    """Compute (or finish computing) the top-``k`` target log-probabilities for ``examples``
+    next to their feature cache; returns the directory. Resumable per shard."""
+    if k < 1:
+        raise FeatureCacheError(f"trainer.target_topk must be >= 1 to build a top-k cache, got {k}")
+    k = min(int(k), int(target.vocab_size))
+    features.check(examples)
+    out = features.path / f"topk-{k}"
+    key = f"{features.m['key']}-topk{k}"
+    if (out / "manifest.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rb = 8 * k
+    where = features.m["examples"]
+    shards: dict[int, list[int]] = {}
+    for i, (s, _, _) in enumerate(where):
+        shards.setdefault(s, []).append(i)
+    need_rows = [int(sum(e.loss_mask[1:])) for e in examples]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(need_rows), desc=f"target top-{k}", unit="tok")
+    for s, idx in sorted(shards.items()):
+        bin_path, meta_path = out / f"shard-{s:05d}.bin", out / f"shard-{s:05d}.json"
+        n_tok = sum(where[i][2] for i in idx)
+        if _shard_ok(bin_path, meta_path, key, idx[0], idx[-1] + 1, n_tok * rb):
+            if bar:
+                bar.update(sum(need_rows[i] for i in idx))
+            continue
+        meta_path.unlink(missing_ok=True)
+        chunks: list[bytes] = []
+        for i in idx:
+            _, final = features[i]
+            mask = torch.tensor(examples[i].loss_mask, dtype=torch.bool)
+            need = torch.zeros_like(mask)
+            need[:-1] = mask[1:]
+            ids, logp = _topk_rows(target, final, need, k, chunk)
+            chunks.append(np.concatenate([ids.view(np.uint8), logp.view(np.uint8)], axis=1).tobytes())
+            if bar:
+                bar.update(need_rows[i])
+        _write_shard(bin_path, chunks, n_tok * rb)
+        atomic_write_text(meta_path, json.dumps({"key": key, "examples": [idx[0], idx[-1] + 1], "tokens": n_tok, "bytes": n_tok * rb}))
+    if bar:
+        bar.close()
+    atomic_write_text(out / "manifest.json", json.dumps({
+        "key": key, "k": k, "features": features.m["key"], "bytes_per_token": rb, "shards": len(shards),
+        "num_examples": len(examples), "rows_filled": sum(need_rows),
+    }))
+    return out
+
+
+class TopkCache:
+    """Read side of :func:`build_topk`: ``cache[i]`` -> (ids [T, k] long, log-probs [T, k] fp32)."""
+
+    def __init__(self, path: Path, features: "FeatureCache") -> None:
+        self.path = Path(path)
+        mp = self.path / "manifest.json"
+        if not mp.exists():
+            raise FeatureCacheError(f"{self.path} has no manifest.json: the top-k cache was never finished; rerun the features stage")
+        self.m = json.loads(mp.read_text())
+        if self.m["features"] != features.m["key"]:
+            raise FeatureCacheError(f"top-k cache {self.path} belongs to features {self.m['features']}, not {features.m['key']}")
+        self.k, self.where = self.m["k"], features.m["examples"]
+        self._maps = {}
+        for s in range(self.m["shards"]):
+            p = self.path / f"shard-{s:05d}.bin"
+            if not p.exists():
+                raise FeatureCacheError(f"top-k shard {p} is missing; delete {self.path} and rerun")
+            self._maps[s] = np.memmap(p, dtype=np.uint8, mode="r").reshape(-1, 8 * self.k)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, off, n = self.where[i]
+        raw = np.array(self._maps[s][off : off + n])
+        k = self.k
+        ids = torch.from_numpy(raw[:, : 4 * k].copy().view(np.int32)).long()
+        logp = torch.from_numpy(raw[:, 4 * k :].copy().view(np.float32))
+        return ids, logp

@@ -2,6 +2,9 @@
 
 The module receives a built drafter and the target; it does not build either. Target
 features come from the batch (offline cache) or are computed in the step (online mode).
+With ``top_ids`` / ``top_logp`` in the batch (the target's cached top-k log-probabilities,
+train.features.build_topk) the losses compare against that truncated distribution and
+the step never runs the target's 262k-row LM head (dspark.losses.truncated_terms).
 Objectives (dspark.losses, on the fused kernel terms):
 - dspark: 0.1 CE + 0.9 TV + 1.0 confidence BCE over anchored blocks, weights exp(-(k-1)/4);
 - dflash: CE only over the same blocks;
@@ -18,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from dspark.losses import dspark_loss, live_tau, with_outside_mass
+from dspark.losses import combine_terms, dspark_loss, live_tau, truncated_soft_ce, truncated_terms, with_outside_mass
 from train.anchors import sample_anchors
 
 
@@ -86,16 +89,32 @@ class DistillModule(L.LightningModule):
         labels = ids.gather(1, (pos + 1).clamp_max(T - 1).reshape(B, -1)).reshape(B * n, g)[sel]
         d_logits = out.logits.reshape(B * n, g, -1)[sel]
         vocab = self.drafter.vocab
-        d_ext, t_ext = _target_logits_at(self.target, h_t.reshape(-1, h_t.shape[-1]), vocab, d_logits.reshape(-1, d_logits.shape[-1]))
         K = d_logits.shape[-1]
         y = vocab.encode(labels)
         y = torch.where(y >= K, torch.full_like(y, -100), y)  # labels outside the draft vocabulary: no CE
         conf = out.conf_logits.reshape(B * n, g)[sel] if out.conf_logits is not None else None
         w_ce, w_tv, w_conf = self.loss_weights if self.kind == "dspark" else (1.0, 0.0, 0.0)
-        terms = dspark_loss(
-            d_ext.view(-1, g, K + 1), t_ext.view(-1, g, K + 1), y, slot_mask.reshape(B * n, g)[sel], conf, w_ce, w_tv, w_conf
-        )
+        m = slot_mask.reshape(B * n, g)[sel]
+        if "top_ids" in batch:  # truncated target from the cache: no LM head
+            tid, tlp = (self._at(batch[k], pos, T)[sel].reshape(-1, batch[k].shape[-1]) for k in ("top_ids", "top_logp"))
+            ce, l1, acc = truncated_terms(d_logits.reshape(-1, K), self._draft_ids(tid, K), tlp, y.reshape(-1))
+            terms = combine_terms(ce.view(-1, g), l1.view(-1, g), acc.view(-1, g), m, conf, w_ce, w_tv, w_conf)
+        else:
+            d_ext, t_ext = _target_logits_at(self.target, h_t.reshape(-1, h_t.shape[-1]), vocab, d_logits.reshape(-1, K))
+            terms = dspark_loss(d_ext.view(-1, g, K + 1), t_ext.view(-1, g, K + 1), y, m, conf, w_ce, w_tv, w_conf)
         return {"loss": terms.loss, "ce": terms.ce, "tv": terms.tv, "conf": terms.conf, "tau_est": torch.tensor(live_tau(terms.accept))}
+
+    @staticmethod
+    def _at(x: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
+        """x [B, T, k], pos [B, n, g] -> [B * n, g, k] rows of x at those positions."""
+        B, n, g = pos.shape
+        idx = pos.clamp_max(T - 1).reshape(B, -1, 1).expand(-1, -1, x.shape[-1])
+        return x.gather(1, idx).reshape(B * n, g, x.shape[-1])
+
+    def _draft_ids(self, target_ids: torch.Tensor, K: int) -> torch.Tensor:
+        """Target ids -> draft-vocabulary ids, -1 outside the draft vocabulary."""
+        d = self.drafter.vocab.encode(target_ids)
+        return torch.where(d >= K, torch.full_like(d, -1), d)
 
     def ttt_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids, mask = batch["input_ids"], batch["loss_mask"].bool()
@@ -120,22 +139,33 @@ class DistillModule(L.LightningModule):
             need = need & keep
         if not need.any():
             return {"loss": total + 0 * sum(h.sum() for h in hidden), "ce": total.detach(), "tau_est": torch.tensor(1.0)}
-        hid_need = final[:, 1:][need[:, :-1]]
-        vid = vocab.ids.to(final.device)
-        p_all = torch.cat([torch.softmax(self.target.lm_head(hid_need[c : c + 256]), -1).index_select(-1, vid)
-                           for c in range(0, hid_need.shape[0], 256)])
         row = torch.full(need.shape, -1, dtype=torch.long, device=ids.device)
-        row[need] = torch.arange(p_all.shape[0], device=ids.device)
+        row[need] = torch.arange(int(need.sum()), device=ids.device)
+        truncated = "top_ids" in batch
+        if truncated:  # the target's cached top-k at j+1: no LM head
+            K = vocab.size
+            nxt = need[:, :-1]
+            top_ids = self._draft_ids(batch["top_ids"][:, 1:][nxt], K)
+            top_logp = batch["top_logp"][:, 1:][nxt]
+        else:
+            hid_need = final[:, 1:][need[:, :-1]]
+            vid = vocab.ids.to(final.device)
+            p_all = torch.cat([torch.softmax(self.target.lm_head(hid_need[c : c + 256]), -1).index_select(-1, vid)
+                               for c in range(0, hid_need.shape[0], 256)])
         for s, h in enumerate(hidden, start=1):
             sel = (j - s + 1 >= 0)[None, :] & need
             if not sel.any():
                 continue
             d = self.drafter.logits(h[sel])  # [N, K]
-            p_t = p_all[row[sel]]
-            ce = -(p_t * torch.log_softmax(d, -1)).sum(-1).mean()
+            if truncated:
+                ce_rows, l1 = truncated_soft_ce(d, top_ids[row[sel]], top_logp[row[sel]])
+                ce = ce_rows.mean()
+            else:
+                p_t = p_all[row[sel]]
+                ce = -(p_t * torch.log_softmax(d, -1)).sum(-1).mean()
+                # analytic acceptance 1 - 0.5 ||p_d - p_t||_1 over the full vocabulary (p_d is 0 outside)
+                l1 = (torch.softmax(d, -1) - p_t).abs().sum(-1) + (1 - p_t.sum(-1))
             total = total + self.ttt_decay ** (s - 1) * ce
-            # analytic acceptance 1 - 0.5 ||p_d - p_t||_1 over the full vocabulary (p_d is 0 outside)
-            l1 = (torch.softmax(d, -1) - p_t).abs().sum(-1) + (1 - p_t.sum(-1))
             accept.append((1 - 0.5 * l1).mean().detach())
         tau = live_tau(torch.stack(accept)) if accept else 1.0
         return {"loss": total, "ce": total.detach(), "tau_est": torch.tensor(tau)}

@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fit_key = _hash(cfg.target, cfg.drafter, cfg.data, _trainer_key(cfg.trainer), cfg.seed, ex_key)
         fit_stage = Stage(out, "fit", fit_key)
         ckpt_dir = out / "drafter"
-        features = None
+        features = topk = None
         if cfg.trainer.features == "offline" and not (fit_stage.done() and ckpt_dir.exists()):
             from train.features import FeatureCache, build
 
@@ -126,6 +126,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  f"published layout 6 + 2(m+1)d = {fm['published_bytes_per_token']} B/token; {time.perf_counter() - t_f:.0f} s)")
             mlflow.log_metrics({"features_bytes_per_token": fm["bytes_per_token"], "features_total_gib": fm["bytes_total"] / 2**30})
             mlflow.set_tag("features_dir", str(fdir))
+            k = int(cfg.trainer.get("target_topk", 0))
+            if k:
+                from train.features import TopkCache, build_topk
+
+                t_k = time.perf_counter()
+                topk = TopkCache(build_topk(target, examples, features, k, progress=cfg.progress), features)
+                _log(f"target top-{topk.k} log-probs: {topk.path} ({topk.m['rows_filled']} rows; {time.perf_counter() - t_k:.0f} s)")
 
         # 4. distillation --------------------------------------------------------------
         if fit_stage.done() and ckpt_dir.exists():
@@ -147,20 +154,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             from lightning.pytorch.loggers import MLFlowLogger
 
             logger = MLFlowLogger(tracking_uri=cfg.logger.tracking_uri, run_id=mlflow.active_run().info.run_id)
+            t_s = time.perf_counter()
             fit(
                 module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size,
                 precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip, ckpt_every=cfg.trainer.ckpt_every,
-                logger=logger, seed=cfg.seed, progress=cfg.progress, features=features,
+                logger=logger, seed=cfg.seed, progress=cfg.progress, features=features, topk=topk, run_key=fit_key,
             )
             drafter = module.drafter.float().eval()
             if ckpt_dir.exists():
                 shutil.rmtree(ckpt_dir)
             drafter.save_pretrained(str(ckpt_dir))
             fit_stage.finish(steps=cfg.trainer.max_steps)
+            _log(f"fit: {cfg.trainer.max_steps} steps in {time.perf_counter() - t_s:.0f} s")
         drafter = drafter.to(target.dtype) if target.dtype != torch.float32 else drafter
 
         # 4b. teacher-forced tau_est on held-out text: the target's own vs curated answers
         ho_stage = Stage(out, "heldout_tau", _hash(fit_key, "heldout_tau", cfg.eval.get("heldout_examples", 24)))
+        t_s = time.perf_counter()
         if ho_stage.done():
             ho = ho_stage.info()["tau_est"]
         else:
@@ -169,7 +179,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for name, v in ho.items():
             if v is not None:
                 mlflow.log_metric(f"heldout_tau_est_{name}", v)
-        _log(f"held-out teacher-forced tau_est (gamma {dc.gamma}): " + ", ".join(f"{k} {v:.3f}" for k, v in ho.items() if v is not None))
+        _log(f"held-out teacher-forced tau_est (gamma {dc.gamma}): " + ", ".join(f"{k} {v:.3f}" for k, v in ho.items() if v is not None)
+             + f" ({time.perf_counter() - t_s:.0f} s)")
 
         # 5. calibration (drafters with a confidence head) ---------------------------
         held = [target.encode_prompt(r["turns"][0]) for r in list(held_rows)[: cfg.eval.calibration_prompts]]
@@ -179,6 +190,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 drafter.calibrator.temperatures = cal_stage.info()["temperatures"]
                 _log("calibrate: done for this config, skipped")
             else:
+                t_s = time.perf_counter()
                 cal = calibrate(target, drafter, held, dc.gamma, cfg.eval.calibration_max_new_tokens, seed=cfg.seed)
                 png = reliability_diagram(cal, out / "reliability.png")
                 mlflow.log_artifact(str(png))
@@ -187,7 +199,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     vals = [v for v in rep[k] if v == v]
                     if vals:
                         mlflow.log_metric(f"sts_{k}_mean", sum(vals) / len(vals))
-                _log(f"STS: ECE {rep['ece_before']} -> {rep['ece_after']}")
+                _log(f"STS: ECE {[round(v, 4) for v in rep['ece_before']]} -> {[round(v, 4) for v in rep['ece_after']]} "
+                     f"({time.perf_counter() - t_s:.0f} s)")
                 shutil.rmtree(ckpt_dir)
                 drafter.float().save_pretrained(str(ckpt_dir))
                 drafter = drafter.to(target.dtype)
@@ -295,11 +308,14 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
         results = ev_stage.info()["results"]
         _log("evaluate: done for this config, skipped")
     else:
+        t_s = time.perf_counter()
         results = evaluate(
             target, drafter, list(cfg.eval.benchmarks), cfg.eval.prompts_per_benchmark, cfg.eval.max_new_tokens,
             list(cfg.eval.temperatures), dc.gamma, seed=cfg.seed, progress=cfg.progress,
+            batch_size=int(cfg.eval.get("batch_size", 1)),
         )
         ev_stage.finish(results=results)
+        _log(f"evaluate: {time.perf_counter() - t_s:.0f} s")
     table = tau_markdown(results, dc.name)
     atomic_write_text(out / "tau.md", table + "\n")
     for t, rows in results.items():
@@ -311,6 +327,7 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
     mlflow.log_artifact(str(out / "per_position.png"))
     mlflow.log_metric("wall_seconds", time.perf_counter() - t0)
     _log("tau:\n" + table)
+    _log(f"total {time.perf_counter() - t0:.0f} s")
     return results
 
 
