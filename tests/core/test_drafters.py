@@ -239,6 +239,15 @@ def test_markov_transition_rows_equal_the_product_and_follow_weight_updates():
     with torch.no_grad():
         head.w2.weight.mul_(2.0)  # an optimiser step: every cached row is stale
     torch.testing.assert_close(rows(head, prev), head.w2(head.w1(prev)), rtol=1e-6, atol=1e-6)
+    # a batch whose hit is the least recently used row while its misses overflow the budget
+    # (a 32-request evaluation crashed here with a KeyError): the hit must survive the call
+    rows = TransitionRows(budget_bytes=3 * 50 * 4)
+    rows(head, torch.tensor([5, 6, 8]))  # 5 is now the least recently used
+    batch = torch.tensor([5, 9, 10, 11])
+    torch.testing.assert_close(rows(head, batch), head.w2(head.w1(batch)), rtol=1e-6, atol=1e-6)
+    assert len(rows._rows) == 4  # never fewer than one call's distinct rows
+    torch.testing.assert_close(rows(head, torch.tensor([12])), head.w2(head.w1(torch.tensor([12]))), rtol=1e-6, atol=1e-6)
+    assert len(rows._rows) == 3 and 12 in rows._rows
 
 
 @pytest.mark.parametrize("kind", ["dflash", "dspark", "dspark-rnn"])

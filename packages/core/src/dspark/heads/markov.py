@@ -41,17 +41,18 @@ class TransitionRows:
         miss = sorted({i for i in ids if i not in self._rows})
         self.misses += len(miss)
         self.hits += len(ids) - len(miss)
-        if miss:
-            for i in miss:
-                # one row at a time: a row's bits must not depend on which other tokens
-                # missed in the same step (a seeded request's output must not depend on its batch)
-                self._rows[i] = (w1[i : i + 1] @ w2.T)[0]
-            cap = max(len(ids), self.budget_bytes // max(1, w2.shape[0] * w2.element_size()))
-            while len(self._rows) > cap:
-                self._rows.popitem(last=False)
-        for i in ids:
+        for i in miss:
+            # one row at a time: a row's bits must not depend on which other tokens
+            # missed in the same step (a seeded request's output must not depend on its batch)
+            self._rows[i] = (w1[i : i + 1] @ w2.T)[0]
+        for i in ids:  # this call's rows become the most recent, in call order
             self._rows.move_to_end(i)
-        return torch.stack([self._rows[i] for i in ids])
+        out = torch.stack([self._rows[i] for i in ids])
+        # evict only now: the cap is at least this call's distinct rows, so none of them goes
+        cap = max(len(set(ids)), self.budget_bytes // max(1, w2.shape[0] * w2.element_size()))
+        while len(self._rows) > cap:
+            self._rows.popitem(last=False)
+        return out
 
 
 class MarkovHead(nn.Module):
