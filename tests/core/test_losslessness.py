@@ -37,10 +37,10 @@ def target():
     return tiny_gemma3(vocab=V, init_std=0.15, seed=1)
 
 
-def exact_distribution(target, params: SamplingParams) -> torch.Tensor:
+def exact_distribution(target, params: SamplingParams, prompt: list[int] = PROMPT) -> torch.Tensor:
     """[V, V, V] exact AR probabilities of the first three new tokens."""
-    prefixes = torch.tensor([PROMPT + [a, b] for a in range(V) for b in range(V)])
-    p = probs_from_logits(target.forward(prefixes).logits[:, len(PROMPT) - 1 :], params).double()
+    prefixes = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+    p = probs_from_logits(target.forward(prefixes).logits[:, len(prompt) - 1 :], params).double()
     joint = torch.zeros(V, V, V, dtype=torch.float64)
     for a, b in itertools.product(range(V), range(V)):
         r = a * V + b
@@ -174,3 +174,33 @@ def test_triton_rejection_sampler_is_lossless(target, kind, pname):
     with kernels.backend_override("triton"):
         counts = sample_counts(target, make_drafter(kind, target, params), params)
     assert chi2_pvalue(counts, exact_distribution(target, params)) > 1e-3
+
+
+# ---- the KV cache and the one-forward ragged batch, past the sliding window ------------
+
+
+@pytest.mark.parametrize("kind", ["peaked_wrong", "deterministic"])
+def test_kv_cache_and_ragged_batch_verify_are_lossless_past_the_window(target, kind):
+    """The default engine path (per-request KV caches, every request verified in one
+    padded forward by dspark.batch_verify) with two prompts of different lengths, both
+    longer than the tiny target's sliding window (8), decoded concurrently: each
+    prompt's 3-token continuations must follow its own exact AR distribution."""
+    from dspark import batch_verify
+
+    assert batch_verify.supports(target)
+    window = target.model.config.sliding_window
+    prompts = [[1, 2, 3, 4, 0, 1, 2, 3, 4, 0], [4, 3, 2, 1, 0, 4, 3, 2, 1, 0, 1, 2, 3]]
+    assert all(len(p) > window for p in prompts)
+    params = PARAMS["T0.8-topk4-topp0.9"] if kind == "deterministic" else PARAMS["T1"]
+    n = 8_000
+    engine = SpeculativeEngine(target, make_drafter(kind, target, params), num_draft=2)
+    assert engine.cache_mode == "kv"
+    cfg = GenerationConfig(max_new_tokens=N_TOK, sampling=params, stop_token_ids=[], seed=11)
+    results = engine.generate([prompts[i % 2] for i in range(2 * n)], cfg)
+    assert engine._runner().batched  # the ragged one-forward path actually ran
+    for j, prompt in enumerate(prompts):
+        counts = torch.zeros(V, V, V, dtype=torch.float64)
+        for r in results[j::2]:
+            counts[tuple(r.tokens)] += 1
+        p = chi2_pvalue(counts, exact_distribution(target, params, prompt))
+        assert p > 1e-3, f"{kind}, prompt {j} (length {len(prompt)}): chi-square p={p:.2e}"

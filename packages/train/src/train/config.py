@@ -47,8 +47,6 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.features", cfg.trainer.features in ("offline", "online"), "offline or online"),
         ("trainer.feature_storage", cfg.trainer.get("feature_storage", "bfloat16") in ("bfloat16", "float8_e4m3fn"), "bfloat16 or float8_e4m3fn"),
         ("trainer.target_topk", int(cfg.trainer.get("target_topk", 0)) >= 0, ">= 0 (0: the exact target distribution)"),
-        ("trainer.target_topk", int(cfg.trainer.get("target_topk", 0)) == 0 or cfg.trainer.features == "offline",
-         "0 with trainer.features=online (the top-k target cache is built next to the offline features)"),
         ("eval.temperatures", all(float(t) >= 0 for t in cfg.eval.temperatures), ">= 0"),
     ]
     for key, ok, want in checks:

@@ -87,6 +87,7 @@ def fit(
     features: Any = None,
     topk: Any = None,
     run_key: str | None = None,
+    log_every: int = 10,
 ) -> Path:
     """Train for ``max_steps`` optimiser steps; resumes from ``out_dir/last.ckpt`` if an
     earlier run was interrupted. ``features``: a :class:`train.features.FeatureCache`
@@ -125,7 +126,7 @@ def fit(
         logger=logger,
         enable_progress_bar=progress,
         enable_model_summary=False,
-        log_every_n_steps=1,
+        log_every_n_steps=max(1, min(log_every, max_steps)),  # a short run still logs
         default_root_dir=str(out_dir),
     )
     last = out_dir / "last.ckpt"

@@ -114,6 +114,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fit_stage = Stage(out, "fit", fit_key)
         ckpt_dir = out / "drafter"
         features = topk = None
+        if cfg.trainer.features == "online" and int(cfg.trainer.get("target_topk", 0)):
+            _log("trainer.features=online: the step runs the target, so it uses exact target distributions (trainer.target_topk applies to the offline cache only)")
         if cfg.trainer.features == "offline" and not (fit_stage.done() and ckpt_dir.exists()):
             from train.features import FeatureCache, build
 
@@ -159,6 +161,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size,
                 precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip, ckpt_every=cfg.trainer.ckpt_every,
                 logger=logger, seed=cfg.seed, progress=cfg.progress, features=features, topk=topk, run_key=fit_key,
+                log_every=int(cfg.trainer.get("log_every", 10)),
             )
             drafter = module.drafter.float().eval()
             if ckpt_dir.exists():
@@ -365,8 +368,10 @@ def _trainer_key(tr: DictConfig) -> dict:
     features, and the storage type only matters when features come from the cache."""
     d = OmegaConf.to_container(tr, resolve=True)
     d.pop("feature_shard_tokens", None)
-    if d.get("features") != "offline":
+    d.pop("log_every", None)  # how often metrics are logged never changes the drafter
+    if d.get("features") != "offline":  # online steps read exact targets: no cache, no top-k
         d.pop("feature_storage", None)
+        d.pop("target_topk", None)
     return d
 
 
