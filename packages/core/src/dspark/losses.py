@@ -62,7 +62,8 @@ def _truncated(draft_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torc
     q_top = logq_top.exp()
     q_rest = (1 - q_top.sum(-1)).clamp_min(0)
     p_rest = (1 - p_top.sum(-1)).clamp_min(0)
-    return logq, logq_top, q_top, p_top, q_rest, p_rest
+    l1 = (q_top - p_top).abs().sum(-1) + (q_rest - p_rest).abs()  # on {each top token} + {the rest}
+    return logq, logq_top, p_top, q_rest, p_rest, l1
 
 
 def truncated_terms(
@@ -77,8 +78,7 @@ def truncated_terms(
     the label); L1 is over {each top token} + {the rest}, a lower bound of the exact L1.
     Returns fp32 [N] each, like :func:`dspark.kernels.distill_loss`.
     """
-    logq, _, q_top, p_top, q_rest, p_rest = _truncated(draft_logits, top_ids, top_logp)
-    l1 = (q_top - p_top).abs().sum(-1) + (q_rest - p_rest).abs()
+    logq, _, _, _, _, l1 = _truncated(draft_logits, top_ids, top_logp)
     ce = -logq.gather(1, labels.clamp_min(0)[:, None])[:, 0] * (labels >= 0)
     return ce, l1, (1 - 0.5 * l1).detach()
 
@@ -88,9 +88,8 @@ def truncated_soft_ce(draft_logits: torch.Tensor, top_ids: torch.Tensor, top_log
     :func:`truncated_terms`: -(sum_top p_t log q + p_t(rest) log q(rest)). Returns
     (soft CE [N], L1 [N]); a top token outside the draft vocabulary adds no CE term (the
     exact soft CE over the draft vocabulary ignores it too)."""
-    _, logq_top, q_top, p_top, q_rest, p_rest = _truncated(draft_logits, top_ids, top_logp)
+    _, logq_top, p_top, q_rest, p_rest, l1 = _truncated(draft_logits, top_ids, top_logp)
     ce = -(p_top * logq_top.clamp_min(-1e4)).sum(-1) - p_rest * torch.log(q_rest.clamp_min(1e-12))
-    l1 = (q_top - p_top).abs().sum(-1) + (q_rest - p_rest).abs()
     return ce, l1
 
 

@@ -84,8 +84,6 @@ class DistillModule(L.LightningModule):
         pos = anchors[..., None] + torch.arange(g, device=ids.device)  # target hidden predicting slot j
         B, n = anchors.shape
         sel = valid.reshape(-1)
-        h_t = final.gather(1, pos.clamp_max(T - 1).reshape(B, -1, 1).expand(-1, -1, final.shape[-1]))
-        h_t = h_t.reshape(B * n, g, -1)[sel]
         labels = ids.gather(1, (pos + 1).clamp_max(T - 1).reshape(B, -1)).reshape(B * n, g)[sel]
         d_logits = out.logits.reshape(B * n, g, -1)[sel]
         vocab = self.drafter.vocab
@@ -99,7 +97,8 @@ class DistillModule(L.LightningModule):
             tid, tlp = (self._at(batch[k], pos, T)[sel].reshape(-1, batch[k].shape[-1]) for k in ("top_ids", "top_logp"))
             ce, l1, acc = truncated_terms(d_logits.reshape(-1, K), self._draft_ids(tid, K), tlp, y.reshape(-1))
             terms = combine_terms(ce.view(-1, g), l1.view(-1, g), acc.view(-1, g), m, conf, w_ce, w_tv, w_conf)
-        else:
+        else:  # exact: the target's LM head on its final hidden states at those positions
+            h_t = self._at(final, pos, T)[sel]
             d_ext, t_ext = _target_logits_at(self.target, h_t.reshape(-1, h_t.shape[-1]), vocab, d_logits.reshape(-1, K))
             terms = dspark_loss(d_ext.view(-1, g, K + 1), t_ext.view(-1, g, K + 1), y, m, conf, w_ce, w_tv, w_conf)
         return {"loss": terms.loss, "ce": terms.ce, "tv": terms.tv, "conf": terms.conf, "tau_est": torch.tensor(live_tau(terms.accept))}
