@@ -76,6 +76,8 @@ BAD = [
     ("prompt type", {"model": "tiny", "prompt": {"a": 1}}, 400, "prompt must be"),
     ("prompt too long", {"model": "tiny", "prompt": "y" * 400, "max_tokens": 4}, 400, "context is 256 tokens"),
     ("unknown model", {"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
+    # found by tools/soak_serve.py: quoting a lone surrogate made rendering the 404 raise (500)
+    ("model with a lone surrogate", b'{"model": "\\ud800", "prompt": "x"}', 404, "does not exist"),
     ("stop type", {"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop"),
     ("n > 1", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n=1"),
 ]

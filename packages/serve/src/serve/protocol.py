@@ -31,6 +31,9 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 503: "server_overloaded"}.get(
         status, "server_error" if status >= 500 else "invalid_request_error"
     )
+    # messages quote client input, which JSON lets carry lone surrogates (\ud800) that UTF-8
+    # cannot encode: escape them, or rendering the error itself would fail with a 500
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
