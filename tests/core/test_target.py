@@ -62,6 +62,27 @@ def test_logits_modes():
         t.forward(torch.tensor([1, 2]))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 17, 48, 49])
+def test_skinny_lm_head_matches_the_library_product(rows, monkeypatch):
+    """The blockwise LM head used for a verify forward's few rows equals F.linear (fp32, up to
+    summation order), whichever side of the row window, including a ragged last block."""
+    from dspark import target as target_mod
+
+    torch.manual_seed(rows)
+    w = torch.randn(1000, 24)
+    h = torch.randn(1, rows, 24)
+    ref = torch.nn.functional.linear(h, w)
+    got = target_mod.skinny_linear(h, w, block=384)
+    assert got.shape == ref.shape and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # through Target.lm_head, with the softcap, against the library's own head
+    t = tiny_gemma3(vocab=1000)
+    hid = torch.randn(2, (rows + 1) // 2, t.hidden_size)
+    fast = t.lm_head(hid)
+    monkeypatch.setattr(target_mod, "_SKINNY_ROWS", (10**9, 10**9))  # force the library product
+    torch.testing.assert_close(fast, t.lm_head(hid), rtol=1e-5, atol=1e-5)
+
+
 def test_load_local_directory_round_trip(tmp_path):
     t = tiny_qwen3()
     t.model.save_pretrained(tmp_path / "m")

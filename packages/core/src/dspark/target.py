@@ -56,6 +56,27 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     return DTYPES[dtype]
 
 
+# A verify forward's few rows against the 262k-row LM head: on CPU, fp32 GEMM with 4..48
+# rows runs at a fraction of its speed for one row (measured: 8 rows 108 ms, 1 row 33 ms
+# on a 2-core Xeon); streaming the weight in blocks, W_blk @ h^T, takes 67 ms for 8 rows.
+# Below 4 rows and above 48 the library's own kernel is faster (docs/benchmarks.md).
+_SKINNY_ROWS = (4, 48)
+_SKINNY_BLOCK = 32768
+
+
+def skinny_linear(hidden: torch.Tensor, weight: torch.Tensor, block: int = _SKINNY_BLOCK) -> torch.Tensor:
+    """``hidden @ weight.T`` for few rows of ``hidden`` [..., d] and a tall ``weight``
+    [V, d], computed blockwise over V as ``weight[blk] @ hidden.T``; same values as
+    ``F.linear`` up to float summation order."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    V = weight.shape[0]
+    out = torch.empty((V, h.shape[0]), dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
+    ht = h.t()
+    for i in range(0, V, block):
+        torch.mm(weight[i : i + block], ht, out=out[i : i + block])
+    return out.t().contiguous().reshape(*hidden.shape[:-1], V)
+
+
 @dataclass
 class TargetOutput:
     """Result of one target forward.
@@ -203,7 +224,13 @@ class Target:
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] final normed hidden -> [..., V] fp32 logits (with the model's softcap)."""
-        logits = self.model.get_output_embeddings()(hidden).float()
+        head = self.model.get_output_embeddings()
+        rows = hidden.numel() // max(hidden.shape[-1], 1)
+        if _SKINNY_ROWS[0] <= rows <= _SKINNY_ROWS[1] and hidden.device.type == "cpu" and hidden.dtype == torch.float32 \
+                and getattr(head, "bias", None) is None and isinstance(head, nn.Linear):
+            logits = skinny_linear(hidden, head.weight)
+        else:
+            logits = head(hidden).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
