@@ -53,6 +53,7 @@ class ServeSettings:
     model_name: str = ""
     api_key: str | None = None
     draft_gate: bool = True  # sync / async: skip drafting in steps where plain decoding is expected to be faster
+    ngram_fallback: int = 0  # >0, trained drafters: prompt lookup for rows whose context repeats an n-gram this long
     sps_refresh: bool = False
     sps_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     metrics_file: str = ""
@@ -63,6 +64,10 @@ class ServeSettings:
         for name in ("gamma", "max_batch", "max_context", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.ngram_fallback < 0:
+            raise ValueError(f"--ngram-fallback must be >= 0, got {self.ngram_fallback}")
+        if self.ngram_fallback and self.drafter in ("ngram", "none"):
+            raise ValueError("--ngram-fallback puts prompt lookup in front of a trained drafter; --drafter is " + self.drafter)
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not self.model_name:
@@ -88,6 +93,10 @@ def build_service(s: ServeSettings, device: str = "cpu"):
         drafter = load_drafter(s.drafter, target)
         if target.dtype != next(drafter.parameters()).dtype:
             drafter = drafter.to(target.dtype)
+        if s.ngram_fallback:
+            from dspark.drafters.fallback import NgramFallbackDrafter
+
+            drafter = NgramFallbackDrafter(drafter, min_match=s.ngram_fallback, num_tokens=s.gamma)
     scheduler = None
     policy = s.policy
     if policy == "auto":

@@ -48,6 +48,7 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.feature_storage", cfg.trainer.get("feature_storage", "bfloat16") in ("bfloat16", "float8_e4m3fn"), "bfloat16 or float8_e4m3fn"),
         ("trainer.target_topk", int(cfg.trainer.get("target_topk", 0)) >= 0, ">= 0 (0: the exact target distribution)"),
         ("eval.temperatures", all(float(t) >= 0 for t in cfg.eval.temperatures), ">= 0"),
+        ("eval.ngram_fallback", int(cfg.eval.get("ngram_fallback", 0) or 0) >= 0, ">= 0 (0: off)"),
     ]
     for key, ok, want in checks:
         if not ok:

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +307,19 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
     from train.evaluate import evaluate, tau_markdown
 
     dc = cfg.drafter
-    ev_stage = Stage(out, "evaluate", _hash(fit_key, cfg.eval))
+    ev_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    fallback = int(ev_cfg.get("ngram_fallback", 0) or 0)
+    if not fallback:
+        ev_cfg.pop("ngram_fallback", None)  # off: the same key as before the option existed
+    elif getattr(drafter, "feature_layers", None) is None:
+        raise ValueError(f"eval.ngram_fallback needs a trained drafter; {dc.name!r} is not one")
+    else:
+        from dspark.drafters.fallback import NgramFallbackDrafter
+
+        drafter = NgramFallbackDrafter(drafter, min_match=fallback, num_tokens=dc.gamma)
+        _log(f"evaluate: prompt lookup (n-gram >= {fallback} tokens) in front of the {dc.name} drafter")
+    name = drafter.name
+    ev_stage = Stage(out, "evaluate", _hash(fit_key, ev_cfg))
     if ev_stage.done():
         results = ev_stage.info()["results"]
         _log("evaluate: done for this config, skipped")
@@ -319,7 +332,7 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
         )
         ev_stage.finish(results=results)
         _log(f"evaluate: {time.perf_counter() - t_s:.0f} s")
-    table = tau_markdown(results, dc.name)
+    table = tau_markdown(results, name)
     atomic_write_text(out / "tau.md", table + "\n")
     for t, rows in results.items():
         for bench, vals in rows.items():
@@ -350,7 +363,8 @@ def _per_position_plot(results: dict, path: Path) -> None:
             continue
         a = np.array(curves, dtype=float)
         k = np.arange(1, a.shape[1] + 1)
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # a position no benchmark reached is NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean, lo, hi = np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
         line = ax.plot(k, mean, marker="o", label=f"{t}: mean of {len(curves)} benchmarks")[0]
         ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.2, label=f"{t}: min-max over benchmarks")
