@@ -11,6 +11,9 @@ which shows it has the power to catch those bugs.
 from __future__ import annotations
 
 import itertools
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ import dspark.verify as verify_mod
 from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig
 from dspark.sampling import SamplingParams, probs_from_logits
+from dspark.scheduler import PrefixScheduler, SPSProfile
 from tests.drafters_for_tests import DeterministicDrafter, OneHotDrafter, PeakedWrongDrafter, RandomDrafter
 from tests.tiny import tiny_gemma3
 
@@ -40,7 +44,7 @@ def target():
 def exact_distribution(target, params: SamplingParams, prompt: list[int] = PROMPT) -> torch.Tensor:
     """[V, V, V] exact AR probabilities of the first three new tokens."""
     prefixes = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
-    p = probs_from_logits(target.forward(prefixes).logits[:, len(prompt) - 1 :], params).double()
+    p = probs_from_logits(target.forward(prefixes).logits[:, len(prompt) - 1 :], params).double().cpu()
     joint = torch.zeros(V, V, V, dtype=torch.float64)
     for a, b in itertools.product(range(V), range(V)):
         r = a * V + b
@@ -168,12 +172,20 @@ def test_trained_model_drafters_are_lossless(target, kind, kw):
 )
 @pytest.mark.parametrize("kind,pname", [("peaked_wrong", "T1"), ("deterministic", "T0.8-topk4-topp0.9")])
 def test_triton_rejection_sampler_is_lossless(target, kind, pname):
+    """Device-aware: under TRITON_INTERPRET=1 the kernel runs on CPU tensors; on a CUDA
+    host (native Triton) the target and so the verifier's tensors move to the GPU."""
     from dspark import kernels
 
+    if kernels._interpreting():
+        dev_target = target
+    else:
+        dev_target = tiny_gemma3(vocab=V, init_std=0.15, seed=1)
+        dev_target.model.to("cuda")
+        assert dev_target.device.type == "cuda"
     params = PARAMS[pname]
     with kernels.backend_override("triton"):
-        counts = sample_counts(target, make_drafter(kind, target, params), params)
-    assert chi2_pvalue(counts, exact_distribution(target, params)) > 1e-3
+        counts = sample_counts(dev_target, make_drafter(kind, dev_target, params), params)
+    assert chi2_pvalue(counts, exact_distribution(dev_target, params)) > 1e-3
 
 
 # ---- the KV cache and the one-forward ragged batch, past the sliding window ------------
@@ -204,3 +216,198 @@ def test_kv_cache_and_ragged_batch_verify_are_lossless_past_the_window(target, k
             counts[tuple(r.tokens)] += 1
         p = chi2_pvalue(counts, exact_distribution(target, params, prompt))
         assert p > 1e-3, f"{kind}, prompt {j} (length {len(prompt)}): chi-square p={p:.2e}"
+
+
+# ---- serving-shaped runs: pooled requests, the scheduler, the draft gate, stops ---------
+
+
+def exact_outcomes(target, params: SamplingParams, prompt: list[int] = PROMPT, stops: Sequence[int] = ()) -> dict:
+    """Exact probability of every outcome of a 3-token request that ends at the first
+    stop token: the joint of :func:`exact_distribution` summed over what a stop cuts off."""
+    joint = exact_distribution(target, params, prompt)
+    out: dict[tuple[int, ...], float] = defaultdict(float)
+    for seq in itertools.product(range(V), repeat=N_TOK):
+        cut = next((i + 1 for i, t in enumerate(seq) if t in stops), N_TOK)
+        out[seq[:cut]] += float(joint[seq])
+    return dict(out)
+
+
+def outcome_pvalue(counts: Counter, exact: dict) -> float:
+    """Chi-square of sampled outcomes against :func:`exact_outcomes`; an outcome the exact
+    law cannot produce (e.g. tokens after a stop) is an outright failure (p = 0)."""
+    if any(k not in exact for k in counts):
+        return 0.0
+    keys = sorted(exact)
+    obs = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64)
+    return chi2_pvalue(obs, torch.tensor([exact[k] for k in keys], dtype=torch.float64))
+
+
+@dataclass
+class PooledRun:
+    counts: Counter
+    accepted: int = 0  # accepted drafts over all requests
+    verified: int = 0  # drafts verified over all requests
+
+
+def pooled_counts(
+    target, drafter, params: SamplingParams, n: int, scheduler=None, concurrency: int = 16,
+    cache_mode: str = "recompute", stops: Sequence[int] = (), seeded: bool = True, prompt: list[int] = PROMPT,
+) -> PooledRun:
+    """``n`` requests through one engine the way a server drives it: at most
+    ``concurrency`` in flight, a new one admitted as soon as one finishes, so each step
+    pools requests at different positions (and, with a scheduler, schedules them together).
+    ``seeded=False`` leaves every request unseeded (fresh OS entropy per request)."""
+    engine = SpeculativeEngine(target, drafter, num_draft=2, cache_mode=cache_mode, scheduler=scheduler)
+    cfg = GenerationConfig(max_new_tokens=N_TOK, sampling=params, stop_token_ids=list(stops), seed=None)
+    run, live, submitted = PooledRun(Counter()), [], 0
+    while submitted < n or live:
+        while submitted < n and len(live) < concurrency:
+            live.append(engine.add_request(prompt, cfg, seed=submitted if seeded else None))
+            submitted += 1
+        engine.step()
+        for rid in [r for r in live if engine.finish_reason(r) is not None]:
+            live.remove(rid)
+            res = engine.pop_result(rid)
+            run.counts[tuple(res.tokens)] += 1
+            run.accepted += sum(res.stats.accepted)
+            run.verified += sum(res.stats.draft_lens)
+    return run
+
+
+def sharpened_drafter(kind: str, target, seed: int = 0, **kw):
+    """A random-init trained-style drafter whose proposals (and confidences) are sharp."""
+    from dspark.drafters import build_drafter
+
+    torch.manual_seed(seed)
+    drafter = build_drafter(kind, target, gamma=2, feature_layers=[0, 1], **kw)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.normal_(0, 0.5)
+    return drafter
+
+
+class RecordingScheduler:
+    """Wraps a PrefixScheduler's draft gate and verify_lengths to record what they did."""
+
+    def __init__(self, sched: PrefixScheduler) -> None:
+        self.sched, self.gate, self.steps = sched, Counter(), []
+        real_gate, real_lengths = sched.should_draft, sched.verify_lengths
+
+        def should_draft(num_requests: int) -> bool:
+            ok = real_gate(num_requests)
+            self.gate[ok] += 1
+            return ok
+
+        def verify_lengths(survival, request_ids=None, group=None):
+            lens = real_lengths(survival, request_ids, group)
+            self.steps.append(([int(s.numel()) for s in survival], list(lens)))
+            return lens
+
+        sched.should_draft, sched.verify_lengths = should_draft, verify_lengths
+
+    def check_exercised(self) -> None:
+        """The run pooled requests, trimmed some drafts, verified others, and gated."""
+        assert max(len(n) for n, _ in self.steps) >= 4, "no step pooled several requests"
+        assert any(l < k for n, lens in self.steps for k, l in zip(n, lens)), "no draft was ever trimmed"
+        assert any(l > 0 for _, lens in self.steps for l in lens), "nothing was ever verified"
+        assert self.gate[True] > 0 and self.gate[False] > 0, f"the draft gate never switched: {dict(self.gate)}"
+
+
+# Verify steps this cheap make any measured draft time dominate: the gate finds plain
+# decoding faster, skips, probes again next step (probe_every=1), so it keeps switching.
+# Steps/s are flat up to 24 verified tokens and fall off a cliff after: with R requests
+# pooled (R tokens for the anchors), at most 24 - R drafts are worth verifying, so sync /
+# async trim drafts whenever more requests than that drafted.
+FAST_SPS = SPSProfile([1, 24, 25, 64], [1e5, 1e5, 1e4, 1e4])
+
+
+@pytest.mark.parametrize("policy,pname", [("sync", "T0.8-topk4-topp0.9"), ("async", "T1")])
+def test_pooled_scheduler_with_draft_gate_is_lossless(target, policy, pname):
+    """#11 item 10: sync / async prefix scheduling of many requests pooled per step, the
+    real draft gate (observe / should_draft) on, T > 0: the output is still exactly AR."""
+    params = PARAMS[pname]
+    sched = PrefixScheduler(policy=policy, sps=FAST_SPS, gamma=2, draft_gate=True, probe_every=1, initial_budget=4)
+    rec = RecordingScheduler(sched)
+    run = pooled_counts(target, sharpened_drafter("dspark", target, mask_token_id=4, rank=4), params, 8_000, scheduler=sched)
+    rec.check_exercised()
+    assert run.accepted > 100, f"only {run.accepted} drafts accepted: the test would verify little"
+    p = outcome_pvalue(run.counts, exact_outcomes(target, params))
+    assert p > 1e-3, f"{policy}/{pname}: chi-square p={p:.2e}"
+
+
+def test_pooled_scheduler_test_detects_missing_residual(target, monkeypatch):
+    """The pooled, scheduled, gated run has the power to catch a broken verifier."""
+    params = PARAMS["T1"]
+    monkeypatch.setattr(ref_mod, "residual", lambda p, q: p)
+    sched = PrefixScheduler(policy="sync", sps=FAST_SPS, gamma=2, draft_gate=True, probe_every=1)
+    run = pooled_counts(target, sharpened_drafter("dspark", target, mask_token_id=4, rank=4), params, 8_000, scheduler=sched)
+    assert outcome_pvalue(run.counts, exact_outcomes(target, params)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kind,kw",
+    [("dflash", {"num_layers": 1, "mask_token_id": 4}), ("dspark", {"num_layers": 1, "mask_token_id": 4, "rank": 4}),
+     ("dspark", {"head": "rnn", "num_layers": 1, "mask_token_id": 4, "rank": 4}), ("eagle3", {})],
+    ids=["dflash", "dspark", "dspark-rnn", "eagle3"],
+)
+def test_draft_vocabulary_with_temperature_and_top_k_top_p_is_lossless(target, kind, kw):
+    """#11 item 11: a 3-token draft vocabulary (of the target's 5), T=0.8 with top-k and
+    top-p. Tokens outside it have draft probability 0; every proposal must lie inside it,
+    and enough drafts must be accepted that verification was actually exercised."""
+    from dspark.drafters import DraftVocab
+
+    params = PARAMS["T0.8-topk4-topp0.9"]
+    first = exact_distribution(target, params).sum((1, 2))
+    ids = torch.argsort(first, descending=True)[:3]  # the target's likeliest first tokens
+    drafter = sharpened_drafter(kind, target, vocab=DraftVocab(ids, V), **kw)
+    assert drafter.vocab.size == 3
+    real_propose, outside = drafter.propose, []
+
+    def propose(state):
+        prop = real_propose(state)
+        for i, n in enumerate(prop.lens.tolist()):
+            outside.extend(t for t in prop.tokens[i, :n].tolist() if t not in set(ids.tolist()))
+        return prop
+
+    drafter.propose = propose
+    run = pooled_counts(target, drafter, params, 8_000, concurrency=64)
+    assert not outside, f"{kind} proposed ids outside its draft vocabulary: {sorted(set(outside))}"
+    assert run.accepted > 200, f"{kind}: only {run.accepted} of {run.verified} drafts accepted"
+    p = outcome_pvalue(run.counts, exact_outcomes(target, params))
+    assert p > 1e-3, f"{kind}: chi-square p={p:.2e}"
+
+
+@pytest.mark.parametrize("pname", list(PARAMS))
+def test_stop_tokens_and_unseeded_requests_are_lossless(target, pname):
+    """#11 item 12: stop tokens at T > 0 on the default KV-cache path, every request
+    unseeded (its own fresh-entropy generators). Outcomes end at the first stop token;
+    their law must be the exact AR law of the truncated sequences."""
+    params = PARAMS[pname]
+    first = exact_distribution(target, params).sum((1, 2))
+    stop = int(torch.argsort(first, descending=True)[1])  # common enough to cut many requests
+    drafter = make_drafter("random", target, params)  # accepted often enough to cut drafts at a stop
+    run = pooled_counts(target, drafter, params, 4_000, cache_mode="kv", stops=[stop], seeded=False)
+    exact = exact_outcomes(target, params, stops=[stop])
+    lengths = Counter(len(k) for k in run.counts.elements())
+    likely = {len(k) for k, p in exact.items() if p > 0.01}  # lengths the exact law makes common
+    assert 1 in likely and 3 in likely and likely <= set(lengths), f"stops: exact lengths {likely}, sampled {dict(lengths)}"
+    assert all(stop not in k[:-1] for k in run.counts), "tokens were emitted after a stop token"
+    assert run.accepted > 100
+    p = outcome_pvalue(run.counts, exact)
+    assert p > 1e-3, f"{pname}: chi-square p={p:.2e}, lengths {dict(lengths)}"
+
+
+def test_ngram_fallback_in_front_of_a_trained_drafter_is_lossless(target):
+    """Prompt lookup serves the rows whose context repeats an n-gram (point-mass drafts),
+    the trained drafter the others (its own distributions), in the same pooled, scheduled
+    step; the output stays the exact AR law."""
+    from dspark.drafters.fallback import NgramFallbackDrafter
+
+    params = PARAMS["T1"]
+    fb = NgramFallbackDrafter(sharpened_drafter("dspark", target, mask_token_id=4, rank=4), min_match=1, num_tokens=2)
+    sched = PrefixScheduler(policy="sync", sps=FAST_SPS, gamma=2)
+    run = pooled_counts(target, fb, params, 8_000, scheduler=sched)
+    assert fb.ngram_rows > 1_000 and fb.model_rows > 1_000, (fb.ngram_rows, fb.model_rows)
+    assert run.accepted > 100
+    p = outcome_pvalue(run.counts, exact_outcomes(target, params))
+    assert p > 1e-3, f"chi-square p={p:.2e}"
