@@ -7,6 +7,12 @@ Methods run prompt-major (every method on prompt 1, then prompt 2, ...) so slow 
 the machine hits them alike. Prints a markdown table: tokens/s, ratio to HF generate in
 the same run, tau (accepted length, ours only) and how many outputs are identical to HF
 generate's. Greedy (T=0) is the speed/identity comparison; T=1 rows show sampling.
+
+Trained drafters (``--drafters``) get one row per ``--policies`` entry: ``static`` verifies
+every draft (gamma), ``sync`` / ``async`` let the hardware-aware prefix scheduler pick each
+round's verify length from the drafter's calibrated confidences and this machine's
+profiled SPS curve (cached like the server's), with the draft gate the server uses
+(``--no-draft-gate`` turns it off): the configuration ``python -m serve`` runs.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
 from dspark.metrics import SpecStats, merge_all
 from dspark.sampling import SamplingParams
+from dspark.scheduler import PrefixScheduler, SPSProfile, cached_sps, machine_key
 from dspark.target import Target
+
+SPS_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)  # the server's default profile points
 
 
 @dataclass
@@ -56,6 +65,20 @@ def hf_generate(t: Target, ids: list[int], n: int, temperature: float, seed: int
     return out[0, len(ids) :].tolist()
 
 
+def sps_profile(t: Target) -> SPSProfile:
+    """The same cached verify-forward profile ``python -m serve`` uses for this target/machine."""
+    from serve.service import profile_target_sps
+
+    key = {"model": t.name, "dtype": str(t.dtype), "machine": machine_key(), "tokens": list(SPS_TOKENS), "kind": "verify-forward"}
+    return cached_sps(key, lambda: profile_target_sps(t, SPS_TOKENS))
+
+
+def make_scheduler(policy: str, t: Target, args: argparse.Namespace) -> PrefixScheduler | None:
+    if policy == "static":
+        return None  # the engine verifies every draft
+    return PrefixScheduler(policy=policy, sps=sps_profile(t), gamma=args.num_draft, draft_gate=not args.no_draft_gate)
+
+
 def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, temperature: float) -> dict[str, Row]:
     params = SamplingParams(temperature=temperature)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=params, seed=args.seed)
@@ -69,11 +92,22 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
             hf_generate(t, p, args.max_new_tokens, temperature, args.seed, lookup=args.hf_lookup_tokens), None
         )
     methods[f"ours: engine + n-gram (k={args.num_draft})"] = lambda p: ((r := engine.generate([p], cfg)[0]).tokens, r.stats)
-    for path in args.drafters:  # trained drafter checkpoints, each in its own engine
+    for path in args.drafters:  # trained drafter checkpoints, each in its own engine per policy
         d = load_drafter(path, t)
         d = d.to(t.dtype) if t.dtype != torch.float32 else d
-        eng = SpeculativeEngine(t, d, args.num_draft)
-        methods[f"ours: engine + {d.name} `{path}`"] = lambda p, eng=eng: ((r := eng.generate([p], cfg)[0]).tokens, r.stats)
+        variants = [d]
+        if args.ngram_fallback:
+            from dspark.drafters.fallback import NgramFallbackDrafter
+
+            variants.append(NgramFallbackDrafter(d, min_match=args.ngram_fallback, num_tokens=args.num_draft))
+        for d, policy in ((v, pol) for v in variants for pol in args.policies):
+            if policy != "static" and getattr(d, "conf", None) is None:
+                print(f"skipping {policy} for {path}: {d.name} has no confidence head", file=sys.stderr)
+                continue
+            sched = make_scheduler(policy, t, args)
+            eng = SpeculativeEngine(t, d, args.num_draft, scheduler=sched)
+            gate = "" if policy == "static" or args.no_draft_gate else ", gated"
+            methods[f"ours: engine + {d.name} ({policy}{gate}) `{path}`"] = lambda p, eng=eng: ((r := eng.generate([p], cfg)[0]).tokens, r.stats)
     rows = {m: Row() for m in methods}
     ar_generate(t, prompts[0][:32], GenerationConfig(max_new_tokens=8, sampling=params, seed=args.seed))  # warm-up
     for p in tqdm(prompts, desc=f"{t.dtype} T={temperature}", file=sys.stderr):
@@ -121,6 +155,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--drafters", nargs="*", default=[], help="trained drafter checkpoints (e.g. outputs/gemma_dspark/drafter)")
+    ap.add_argument("--policies", nargs="+", default=["static"], choices=["static", "sync", "async"],
+                    help="verify-length policies for --drafters rows (sync/async need a confidence head)")
+    ap.add_argument("--ngram-fallback", type=int, default=0, metavar="N",
+                    help="also run each trained drafter with prompt lookup in front (n-gram >= N tokens; 0: off)")
+    ap.add_argument("--no-draft-gate", action="store_true", help="sync/async: never skip drafting (the server gates by default)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF rows (the AR loop is then the baseline)")
     args = ap.parse_args()
     if args.threads:
