@@ -49,8 +49,12 @@ def test_tiny_end_to_end(tmp_path, tiny_dir, drafter):
     out = tmp_path / "out"
     mode = "online" if drafter == "eagle3" else "offline"  # both feature modes run end to end
     common = (f"experiment=tiny_{drafter}", f"target.path={tiny_dir}", f"output_dir={out}", f"trainer.features={mode}")
+    if drafter == "dflash":  # the fit in two spawned CPU processes (gloo), everything else once
+        common += ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn")
     proc = train(tmp_path, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if drafter == "dflash":
+        assert "[train] fit: 2 processes" in proc.stdout and "per-process [2, 2]" in proc.stdout
     assert ("[train] features: " in proc.stdout) == (mode == "offline")
     assert (tmp_path / "features").exists() == (mode == "offline")
     assert (out / "drafter" / "config.json").exists() and (out / "tau.md").exists()
@@ -80,6 +84,10 @@ def test_bad_input_fails_clearly(tmp_path, tiny_dir):
     bad.write_text('{"turns": ["ok?"], "reference": "yes"}\n{"turns": ["broken"\n')
     proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", f"data.train_file={bad}", f"output_dir={tmp_path}/o")
     assert proc.returncode != 0 and "bad.jsonl:2: malformed JSON" in proc.stderr
+    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", "trainer.num_nodes=2")
+    assert proc.returncode == 2 and "trainer.num_nodes=2 is invalid" in proc.stderr
+    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", "trainer.devices=2", "trainer.strategy=ddp")
+    assert proc.returncode == 2 and "trainer.strategy='ddp' is invalid" in proc.stderr and "ddp_spawn" in proc.stderr
     proc = train(tmp_path, "experiment=nope")
     assert proc.returncode != 0 and "nope" in proc.stderr
 

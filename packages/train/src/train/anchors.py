@@ -12,11 +12,14 @@ import torch
 
 
 def sample_anchors(
-    loss_mask: torch.Tensor, gamma: int, max_anchors: int, generator: torch.Generator | None = None
+    loss_mask: torch.Tensor, gamma: int, max_anchors: int, generator: torch.Generator | None = None,
+    row_generators: list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """loss_mask [B, T] (0/1) -> anchors [B, n] long (padded with 0), anchor_valid [B, n]
     bool, slot_mask [B, n, g] bool (slot j supervised). n = max anchors found in a row,
-    at most ``max_anchors``; anchors are drawn uniformly without replacement."""
+    at most ``max_anchors``; anchors are drawn uniformly without replacement, from
+    ``row_generators[b]`` for row b when given (randomness that belongs to the example, not
+    to the batch it landed in), else from ``generator``."""
     B, T = loss_mask.shape
     m = loss_mask.bool()
     ok = torch.zeros_like(m)
@@ -25,7 +28,8 @@ def sample_anchors(
     for b in range(B):
         cand = ok[b].nonzero().flatten()
         if len(cand) > max_anchors:
-            cand = cand[torch.randperm(len(cand), generator=generator)[:max_anchors]].sort().values
+            g = row_generators[b] if row_generators is not None else generator
+            cand = cand[torch.randperm(len(cand), generator=g)[:max_anchors]].sort().values
         picks.append(cand)
     n = max(1, max(len(c) for c in picks))
     anchors = torch.zeros(B, n, dtype=torch.long)

@@ -50,6 +50,21 @@ def validate(cfg: DictConfig) -> None:
         ("eval.temperatures", all(float(t) >= 0 for t in cfg.eval.temperatures), ">= 0"),
         ("eval.ngram_fallback", int(cfg.eval.get("ngram_fallback", 0) or 0) >= 0, ">= 0 (0: off)"),
     ]
+    tr = cfg.trainer
+    devices, strategy = tr.get("devices", 1), str(tr.get("strategy", "auto"))
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
+    # -1 / "auto": every device there is; a list: those device ids
+    several = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1) or (
+        not isinstance(devices, (int, str)) and len(list(devices)) > 1)
+    checks += [
+        ("trainer.num_nodes", int(tr.get("num_nodes", 1)) == 1,
+         "1: the pipeline runs its data, cache and evaluation stages in one process per machine; multi-node "
+         "training is available through train.fit.fit() but not yet through python -m train"),
+        ("trainer.strategy", not several or strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"),
+         "ddp_spawn or ddp_fork with several devices (launchers that start the processes from inside the fit; "
+         "'ddp' and 'fsdp' re-run the whole command in every process)"),
+    ]
     for key, ok, want in checks:
         if not ok:
             raise ConfigError(f"config value {key}={OmegaConf.select(cfg, key)!r} is invalid: expected {want}")

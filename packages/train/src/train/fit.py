@@ -7,7 +7,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train.data import Example
 from train.module import DistillModule
@@ -29,12 +30,79 @@ class ExampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         if self.cache is None:
-            return self.examples[i]
-        return (self.examples[i], *self.cache[i], *(self.topk[i] if self.topk is not None else ()))
+            return i, self.examples[i]
+        return i, (self.examples[i], *self.cache[i], *(self.topk[i] if self.topk is not None else ()))
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """The data order as a pure function of (seed, optimiser step), the same for any number
+    of processes: step s of epoch e = s // per_epoch takes the k-th slice of ``global_batch``
+    indices of that epoch's permutation (drop_last when the data holds more than one batch),
+    and each rank takes its share of that slice. One process with batch B and W processes
+    with B / W each therefore see the same examples at every step, and a run resumed at
+    step ``start`` continues exactly where the interrupted one stopped (no dataloader state
+    needed: the step is in the checkpoint). Rank and world size are read when iterating, so
+    a sampler built before processes are spawned serves each of them."""
+
+    def __init__(self, n: int, global_batch: int, total_steps: int, seed: int = 0, start: int = 0) -> None:
+        if n < 1:
+            raise ValueError("no training examples")
+        if global_batch < 1 or total_steps < 1:
+            raise ValueError(f"global batch ({global_batch}) and steps ({total_steps}) must be >= 1")
+        self.n, self.B, self.total, self.seed, self.start = n, global_batch, total_steps, seed, start
+        self.per_epoch = max(1, n // global_batch)
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
+        e, k = divmod(step, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+        glob = perm[k * self.B : (k + 1) * self.B]
+        if len(glob) < world:
+            raise ValueError(f"a global batch of {len(glob)} examples cannot be split over {world} processes")
+        return glob.tensor_split(world)[rank].tolist()
+
+    def __iter__(self):
+        rank, world = _dist()
+        for step in range(self.start, self.total):
+            yield self.batch(step, rank, world)
+
+    def __len__(self) -> int:
+        # the whole run is one epoch of total_steps batches: a resumed run's loop counts its
+        # restored batches against this length and stops at max_steps with the iterator
+        return self.total
+
+
+class StepLoader(DataLoader):
+    """A DataLoader whose position lives in the optimiser step (GlobalBatchSampler), so
+    resuming mid-epoch is exact; its state records the order's parameters and refuses a
+    checkpoint written with another order."""
+
+    def state_dict(self) -> dict[str, Any]:
+        bs = self.batch_sampler
+        return {"order": "global-step", "seed": bs.seed, "global_batch": bs.B, "examples": bs.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        if state and state != mine:
+            raise ValueError(f"the checkpoint was written with data order {state}, this run uses {mine}")
 
 
 def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
-    """Right-pad token ids (0), loss masks (0) and cached features (0) to the longest example."""
+    """Right-pad token ids (0), loss masks (0) and cached features (0) to the longest example.
+    Items may come as (dataset index, item): the indices go to ``batch["index"]`` (they seed
+    per-example randomness, so it does not depend on how a batch is split over processes)."""
+    index = None
+    if batch and isinstance(batch[0], tuple) and len(batch[0]) == 2 and isinstance(batch[0][0], int):
+        index = torch.tensor([b[0] for b in batch], dtype=torch.long)
+        batch = [b[1] for b in batch]
     cached = isinstance(batch[0], tuple)
     exs = [b[0] for b in batch] if cached else batch
     T = max(len(e.input_ids) for e in exs)
@@ -60,6 +128,8 @@ def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
                 top_ids[i, : b[3].shape[0]] = b[3]
                 top_logp[i, : b[4].shape[0]] = b[4]
             out.update(top_ids=top_ids, top_logp=top_logp)
+    if index is not None:
+        out["index"] = index
     return out
 
 
@@ -70,6 +140,24 @@ def resolve_precision(precision: str) -> str:
     from dspark.target import fast_bf16
 
     return "bf16-mixed" if fast_bf16("cuda" if torch.cuda.is_available() else "cpu") else "32-true"
+
+
+class _SaveLastOnEnd(L.Callback):
+    """Write ``last.ckpt`` when training ends, inside the training processes (with spawned
+    processes the launching one holds no usable trainer afterwards)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.save_checkpoint(str(self.path))
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The optimiser step a Lightning checkpoint was written at (0 when there is none)."""
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def fit(
@@ -88,6 +176,10 @@ def fit(
     topk: Any = None,
     run_key: str | None = None,
     log_every: int = 10,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
 ) -> Path:
     """Train for ``max_steps`` optimiser steps; resumes from ``out_dir/last.ckpt`` if an
     earlier run was interrupted. ``features``: a :class:`train.features.FeatureCache`
@@ -95,7 +187,12 @@ def fit(
     :class:`train.features.TopkCache` (truncated targets, no LM head in the step). Returns the path of
     the last Lightning checkpoint. ``run_key`` names the configuration being trained: a
     checkpoint left by a run with another key (other data, steps or settings) is deleted,
-    never resumed."""
+    never resumed.
+
+    ``batch_size`` is the global batch: with ``devices`` x ``num_nodes`` processes (any
+    Lightning ``strategy``: ddp, ddp_spawn, fsdp, ...) each takes its share of every global
+    batch (GlobalBatchSampler), and the module normalises its loss over the global batch, so
+    N processes train the same drafter as one, up to float summation order."""
     L.seed_everything(seed, workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     if run_key is not None:
@@ -111,25 +208,36 @@ def fit(
             from dspark.cache_dir import atomic_write_text
 
             atomic_write_text(stamp, run_key + "\n")
-    loader = DataLoader(
-        ExampleDataset(examples, features, topk), batch_size=batch_size, shuffle=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed), drop_last=len(examples) > batch_size,
-    )
+    last = out_dir / "last.ckpt"
+    start = min(_checkpoint_step(last), max_steps)
+    sampler = GlobalBatchSampler(len(examples), batch_size, max_steps, seed=seed, start=start)
+    loader = StepLoader(ExampleDataset(examples, features, topk), batch_sampler=sampler, collate_fn=collate)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_train_steps=ckpt_every, save_top_k=0)
     trainer = L.Trainer(
         max_steps=max_steps,
-        accelerator="auto",
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        use_distributed_sampler=False,  # GlobalBatchSampler splits each global batch by rank itself
         precision=resolve_precision(precision),
         gradient_clip_val=grad_clip,
-        callbacks=[ckpt],
+        callbacks=[ckpt, _SaveLastOnEnd(last)],
         logger=logger,
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=max(1, min(log_every, max_steps)),  # a short run still logs
         default_root_dir=str(out_dir),
     )
-    last = out_dir / "last.ckpt"
+    world = trainer.num_devices * trainer.num_nodes
+    if world > 1 and rank_zero_only.rank == 0:
+        share = [len(x) for x in torch.arange(min(batch_size, len(examples))).tensor_split(world)]
+        print(f"[train] fit: {world} processes ({trainer.num_nodes} node(s) x {trainer.num_devices} device(s), "
+              f"strategy {strategy}); global batch {batch_size} -> per-process {share}", flush=True)
+    if start:
+        print(f"[train] fit: resuming at step {start} of {max_steps} from {last}", flush=True)
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
-    trainer.save_checkpoint(str(last))
+    if world > 1:
+        # spawned or forked workers trained copies: this process's module takes the weights they saved
+        module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])
     return last

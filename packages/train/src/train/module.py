@@ -21,7 +21,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from dspark.losses import combine_terms, dspark_loss, live_tau, truncated_soft_ce, truncated_terms, with_outside_mass
+from dspark.losses import (
+    combine_terms, dspark_loss, live_tau, position_weights, truncated_soft_ce, truncated_terms, with_outside_mass,
+)
 from train.anchors import sample_anchors
 
 
@@ -60,7 +62,19 @@ class DistillModule(L.LightningModule):
         self.kind, self.lr, self.warmup_frac, self.total_steps = kind, lr, warmup_frac, max(1, total_steps)
         self.anchors_per_seq, self.loss_weights = anchors_per_seq, loss_weights
         self.ttt_steps, self.ttt_decay = ttt_steps, ttt_decay
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed)
+
+    # a torch.Generator cannot cross into a spawned process (ddp_spawn): ship its state
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["gen"] = self.gen.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        gen = torch.Generator()
+        gen.set_state(torch.frombuffer(bytearray(state["gen"]), dtype=torch.uint8))
+        super().__setstate__({**state, "gen": gen})
 
     # ------------------------------------------------------------------ features
     def features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +91,7 @@ class DistillModule(L.LightningModule):
         ids, mask = batch["input_ids"], batch["loss_mask"]
         feats, final = self.features(batch)
         g = self.drafter.cfg.gamma
-        anchors, valid, slot_mask = sample_anchors(mask.cpu(), g, self.anchors_per_seq, self.gen)
+        anchors, valid, slot_mask = sample_anchors(mask.cpu(), g, self.anchors_per_seq, self.gen, self._row_generators(batch))
         anchors, valid, slot_mask = anchors.to(ids.device), valid.to(ids.device), slot_mask.to(ids.device)
         out = self.drafter.forward_blocks(feats, ids, anchors)
         T = ids.shape[1]
@@ -101,7 +115,33 @@ class DistillModule(L.LightningModule):
             h_t = self._at(final, pos, T)[sel]
             d_ext, t_ext = _target_logits_at(self.target, h_t.reshape(-1, h_t.shape[-1]), vocab, d_logits.reshape(-1, K))
             terms = dspark_loss(d_ext.view(-1, g, K + 1), t_ext.view(-1, g, K + 1), y, m, conf, w_ce, w_tv, w_conf)
-        return {"loss": terms.loss, "ce": terms.ce, "tv": terms.tv, "conf": terms.conf, "tau_est": torch.tensor(live_tau(terms.accept))}
+        # combine_terms normalises by this process's slot weight; rescale to the global batch's
+        weight = (position_weights(g, device=m.device)[None, :] * m.float()).sum()
+        loss = terms.loss * self._global_share(weight.reshape(1))[0]
+        return {"loss": loss, "local_loss": terms.loss.detach(), "ce": terms.ce, "tv": terms.tv, "conf": terms.conf,
+                "tau_est": torch.tensor(live_tau(terms.accept))}
+
+    # ------------------------------------------------------------------ data parallelism
+    def _row_generators(self, batch: dict[str, torch.Tensor]) -> list[torch.Generator] | None:
+        """One generator per example, seeded by (seed, optimiser step, dataset index), so the
+        anchors an example gets do not depend on which process or batch position it lands in.
+        None for batches without indices (direct calls): those use ``self.gen``."""
+        if "index" not in batch:
+            return None
+        step = int(self.global_step) if self._trainer is not None else 0
+        return [torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_000_033 + int(i)) for i in batch["index"].tolist()]
+
+    def _global_share(self, local: torch.Tensor) -> torch.Tensor:
+        """Per-term factors world * local / sum over processes of local: a loss normalised by
+        this process's count, times its factor, has DDP's gradient average equal the loss
+        normalised over the whole global batch (one process: all ones, no communication)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return torch.ones_like(local, dtype=torch.float32)
+        total = local.detach().float().clone()
+        dist.all_reduce(total)
+        return dist.get_world_size() * local.detach().float() / total.clamp_min(1e-8)
 
     @staticmethod
     def _at(x: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
@@ -122,6 +162,7 @@ class DistillModule(L.LightningModule):
         hidden = self.drafter.forward_ttt(feats, ids, self.ttt_steps, return_hidden=True)
         vocab = self.drafter.vocab
         total = torch.zeros((), device=ids.device)
+        local = torch.zeros((), device=ids.device)
         accept = []
         j = torch.arange(T, device=ids.device)
         # position j predicts x_{j+2}; the target's distribution for it is read at j+1. It
@@ -132,10 +173,18 @@ class DistillModule(L.LightningModule):
         if self.anchors_per_seq and self.anchors_per_seq < T:
             # supervise anchors_per_seq random positions per sequence (the same number of
             # predictions per step as the block drafters); the chain still runs everywhere
-            score = torch.rand(need.shape, generator=self.gen).to(ids.device).masked_fill(~need, -1.0)
+            gens = self._row_generators(batch)
+            if gens is None:
+                score = torch.rand(need.shape, generator=self.gen)
+            else:
+                score = torch.stack([torch.rand(T, generator=g) for g in gens])
+            score = score.to(ids.device).masked_fill(~need, -1.0)
             keep = torch.zeros_like(need)
             keep.scatter_(1, score.topk(self.anchors_per_seq, dim=1).indices, True)
             need = need & keep
+        # rows supervised at each TTT step, and this process's share of them over the global batch
+        counts = torch.stack([((j - s + 1 >= 0)[None, :] & need).sum() for s in range(1, len(hidden) + 1)])
+        share = self._global_share(counts)
         if not need.any():
             return {"loss": total + 0 * sum(h.sum() for h in hidden), "ce": total.detach(), "tau_est": torch.tensor(1.0)}
         row = torch.full(need.shape, -1, dtype=torch.long, device=ids.device)
@@ -164,15 +213,16 @@ class DistillModule(L.LightningModule):
                 ce = -(p_t * torch.log_softmax(d, -1)).sum(-1).mean()
                 # analytic acceptance 1 - 0.5 ||p_d - p_t||_1 over the full vocabulary (p_d is 0 outside)
                 l1 = (torch.softmax(d, -1) - p_t).abs().sum(-1) + (1 - p_t.sum(-1))
-            total = total + self.ttt_decay ** (s - 1) * ce
+            total = total + self.ttt_decay ** (s - 1) * ce * share[s - 1]
+            local = local + self.ttt_decay ** (s - 1) * ce.detach()
             accept.append((1 - 0.5 * l1).mean().detach())
         tau = live_tau(torch.stack(accept)) if accept else 1.0
-        return {"loss": total, "ce": total.detach(), "tau_est": torch.tensor(tau)}
+        return {"loss": total, "local_loss": local, "ce": local, "tau_est": torch.tensor(tau)}
 
     # ------------------------------------------------------------------ lightning hooks
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.ttt_loss(batch) if self.kind == "eagle3" else self.block_loss(batch)
-        self.log("loss", out["loss"].detach(), prog_bar=True)
+        self.log("loss", out.get("local_loss", out["loss"]).detach(), prog_bar=True)  # this process's own mean
         self.log("tau_est", out["tau_est"], prog_bar=True)
         for k in ("ce", "tv", "conf"):
             if k in out:

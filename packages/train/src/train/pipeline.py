@@ -162,7 +162,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size,
                 precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip, ckpt_every=cfg.trainer.ckpt_every,
                 logger=logger, seed=cfg.seed, progress=cfg.progress, features=features, topk=topk, run_key=fit_key,
-                log_every=int(cfg.trainer.get("log_every", 10)),
+                log_every=int(cfg.trainer.get("log_every", 10)), accelerator=str(cfg.trainer.get("accelerator", "auto")),
+                devices=cfg.trainer.get("devices", 1), num_nodes=int(cfg.trainer.get("num_nodes", 1)),
+                strategy=str(cfg.trainer.get("strategy", "auto")),
             )
             drafter = module.drafter.float().eval()
             if ckpt_dir.exists():
@@ -383,6 +385,8 @@ def _trainer_key(tr: DictConfig) -> dict:
     d = OmegaConf.to_container(tr, resolve=True)
     d.pop("feature_shard_tokens", None)
     d.pop("log_every", None)  # how often metrics are logged never changes the drafter
+    for k in ("accelerator", "devices", "num_nodes", "strategy"):
+        d.pop(k, None)  # nor how many processes share the global batch (same drafter; a run may resume on another count)
     if d.get("features") != "offline":  # online steps read exact targets: no cache, no top-k
         d.pop("feature_storage", None)
         d.pop("target_topk", None)
