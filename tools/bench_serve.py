@@ -208,31 +208,25 @@ def main() -> None:
         prompts = [p[: args.max_prompt_chars] for p in prompts]
     logdir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     results: dict[str, dict[int, dict]] = {}
-    external = [args.label or args.openai_url] if args.openai_url else []
-    for label in external:
-        base = args.openai_url.rstrip("/")
-        if base.endswith("/v1"):
-            base = base[:-3]
+
+    def measure(label: str, base: str) -> None:
         one_request(base, prompts[0], args, 0)  # warm-up
         results[label] = {}
         for c in args.concurrency:
-            r = run_level(base, prompts, c, args)
-            results[label][c] = r
-            print(f"{label} c={c:>2}: {r['agg_tps']:6.1f} tok/s aggregate, {r['user_tps']:5.1f} per user, "
-                  f"tau {_fmt(r['tau'])}, errors {r['errors']}", flush=True)
+            r = results[label][c] = run_level(base, prompts, c, args)
+            print(f"{label:>10} c={c:>2}: {r['agg_tps']:6.1f} tok/s aggregate, {r['user_tps']:5.1f} per user, "
+                  f"verify {_fmt(r['verify_per_req_step'])}/req/step, tau {_fmt(r['tau'])}, errors {r['errors']}", flush=True)
+
+    if args.openai_url:
+        base = args.openai_url.rstrip("/")
+        measure(args.label or args.openai_url, base[:-3] if base.endswith("/v1") else base)
     for pol in ([] if args.openai_url else args.policies):
         base_pol, _, flag = pol.partition("/")
         name, _, g = base_pol.partition(":")
         gamma = int(g) if g else args.gamma
         proc, base = start(args, name, gamma, logdir / f"{pol.replace(':', '_').replace('/', '_')}.log", gate=flag != "nogate")
         try:
-            one_request(base, prompts[0], args, 0)  # warm-up
-            results[pol] = {}
-            for c in args.concurrency:
-                r = run_level(base, prompts, c, args)
-                results[pol][c] = r
-                print(f"{pol:>10} c={c:>2}: {r['agg_tps']:6.1f} tok/s aggregate, {r['user_tps']:5.1f} per user, "
-                      f"verify {_fmt(r['verify_per_req_step'])}/req/step, tau {_fmt(r['tau'])}, errors {r['errors']}", flush=True)
+            measure(pol, base)
         finally:
             stop(proc)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.train.test_data import char_target
-from tests.train.test_fit import examples, make_module
+from tests.train.test_fit import Crash, examples, make_module
 from train.fit import GlobalBatchSampler, StepLoader, fit
 
 
@@ -45,17 +45,6 @@ def test_loader_state_refuses_another_data_order():
         loader.load_state_dict({**state, "seed": 2})
 
 
-class KillAt(L.Callback):
-    """Raises inside the training processes once ``at`` optimiser steps are done."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.at:
-            raise RuntimeError("simulated kill")
-
-
 def _weights(path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=False)["state_dict"].items()}
 
@@ -85,7 +74,7 @@ def test_two_processes_train_the_same_drafter_as_one_and_resume_after_a_kill(tmp
     real = L.Trainer
 
     def killing(**kw):
-        kw["callbacks"] = kw["callbacks"] + [KillAt(3)]
+        kw["callbacks"] = kw["callbacks"] + [Crash(3, RuntimeError)]
         return real(**kw)
 
     monkeypatch.setattr(fit_mod.L, "Trainer", killing)

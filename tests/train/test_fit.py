@@ -92,12 +92,14 @@ def test_truncated_targets_train_like_the_exact_ones(tmp_path, kind):
 
 
 class Crash(L.Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
+    """Raises ``exc`` once ``at`` optimiser steps are done (inside spawned workers too)."""
+
+    def __init__(self, at: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
+        self.at, self.exc = at, exc
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.at:
-            raise KeyboardInterrupt("simulated kill")
+            raise self.exc("simulated kill")
 
 
 def test_interrupted_training_resumes_from_last_checkpoint(tmp_path, monkeypatch):
