@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -73,6 +74,39 @@ def test_tiny_end_to_end(tmp_path, tiny_dir, drafter):
             assert f"{stage}: done for this config, skipped" in again.stdout
 
 
+
+def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir):
+    """`torchrun --nproc_per_node 2 -m train ... trainer.strategy=ddp` (how a multi-node job
+    starts): rank 0 regenerates, builds the caches and logs; rank 1 waits for its marker and
+    joins the fit only. The drafter equals the one-process run's (same global batch), there
+    is one MLflow run, and a relaunch skips every stage on both ranks."""
+    from safetensors.torch import load_file
+
+    common = ("experiment=tiny_dspark", f"target.path={tiny_dir}")
+    launched = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+                *common, f"output_dir={tmp_path}/a", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+                f"logger.tracking_uri=sqlite:///{tmp_path}/a.db", f"hydra.run.dir={tmp_path}/hydra_a"]
+    proc = subprocess.run(launched, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    log = proc.stdout
+    assert "rank 1: rank 0 prepares the data and caches" in log and "rank 1: fit done" in log
+    assert "[train] fit: 2 processes (1 node(s) x 2 device(s), strategy ddp); global batch 4 -> per-process [2, 2]" in log
+    assert log.count("[train] examples:") == 1 and log.count("[train] features:") == 1  # caches built once
+    one = train(tmp_path, *common, f"output_dir={tmp_path}/b")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (load_file(tmp_path / d / "drafter" / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/a.db")
+    assert len(mlflow.search_runs(experiment_names=["dspark"], output_format="list")) == 1
+    again = subprocess.run(launched, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "fit: done for this config, skipped" in again.stdout
+    assert "rank 1: the fit is already done for this config; nothing to do" in again.stdout
+
 def test_bad_input_fails_clearly(tmp_path, tiny_dir):
     proc = train(tmp_path, "experiment=tiny_dspark")
     assert proc.returncode == 2 and "target.path is required" in proc.stderr
@@ -130,3 +164,27 @@ def test_onpolicy_file_end_to_end_and_refused_for_another_target(tmp_path, tiny_
     assert ho["onpolicy"] is not None and ho["reference"] is not None and ho["onpolicy"] >= 1.0
     refused = train(tmp_path, *common, "data.responses=onpolicy", f"output_dir={tmp_path}/o2")  # the shipped Gemma file
     assert refused.returncode == 2 and "[train] data error: " in refused.stderr and "not from this target" in refused.stderr
+
+
+def test_launcher_settings_are_validated(monkeypatch):
+    """Under a launcher (torchrun sets WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_WORLD_SIZE) the
+    gpu_multinode entry takes devices and nodes from it; mismatches and in-fit launchers fail
+    with a message naming the key."""
+    from train.config import ConfigError, validate
+
+    def cfg_for(*overrides: str):
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=["experiment=gemma_dspark", *overrides])
+
+    for k, v in {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2", "RANK": "3"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = cfg_for("trainer=gpu_multinode")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (4, 2, "ddp")
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 is invalid: expected devices x num_nodes = 8"):
+        validate(cfg_for("trainer=gpu_multinode", "trainer.devices=2"))
+    with pytest.raises(ConfigError, match=r"trainer.strategy='ddp_spawn' is invalid.*started 8 times by a launcher"):
+        validate(cfg_for("trainer=gpu_ddp", "trainer.devices=4", "trainer.num_nodes=2"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"trainer.num_nodes=2 is invalid: expected 1 for a single command"):
+        validate(cfg_for("trainer=gpu_multinode"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -57,16 +58,40 @@ def validate(cfg: DictConfig) -> None:
     # -1 / "auto": every device there is; a list: those device ids
     several = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1) or (
         not isinstance(devices, (int, str)) and len(list(devices)) > 1)
-    checks += [
-        ("trainer.num_nodes", int(tr.get("num_nodes", 1)) == 1,
-         "1: the pipeline runs its data, cache and evaluation stages in one process per machine; multi-node "
-         "training is available through train.fit.fit() but not yet through python -m train"),
-        ("trainer.strategy", not several or strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"),
-         "ddp_spawn or ddp_fork with several devices (launchers that start the processes from inside the fit; "
-         "'ddp' and 'fsdp' re-run the whole command in every process)"),
-    ]
+    nodes = int(tr.get("num_nodes", 1))
+    _rank, world = launched_rank()
+    in_fit = strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook")
+    if world > 1:
+        # torchrun / SLURM started this command `world` times: each process is one Lightning
+        # process; rank 0 prepares, the others join the fit (pipeline._follow)
+        per_node = devices if isinstance(devices, int) and devices > 0 else None
+        checks += [
+            ("trainer.strategy", not in_fit and strategy != "auto",
+             f"a strategy that joins an already launched process group (ddp, fsdp, ...), not {strategy!r}: "
+             f"this command was started {world} times by a launcher"),
+            ("trainer.devices", per_node is None or per_node * nodes == world,
+             f"devices x num_nodes = {world}, the number of processes the launcher started"),
+        ]
+    else:
+        checks += [
+            ("trainer.num_nodes", nodes == 1,
+             "1 for a single command; for several machines start it on every node with torchrun or srun "
+             "(docs/scaling.md), which sets WORLD_SIZE / SLURM_NTASKS"),
+            ("trainer.strategy", not several or in_fit,
+             "ddp_spawn or ddp_fork with several devices in one command ('ddp' and 'fsdp' expect a launcher such as "
+             "torchrun to start the command once per process)"),
+        ]
     for key, ok, want in checks:
         if not ok:
             raise ConfigError(f"config value {key}={OmegaConf.select(cfg, key)!r} is invalid: expected {want}")
     if not repo_path(cfg.data.train_file).exists():
         raise ConfigError(f"data.train_file: {repo_path(cfg.data.train_file)} not found")
+
+
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) when an external launcher started this command in several
+    processes (torchrun: RANK / WORLD_SIZE; SLURM: SLURM_PROCID / SLURM_NTASKS); (0, 1) otherwise."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if int(os.environ.get(world, "1") or 1) > 1:
+            return int(os.environ.get(rank, "0") or 0), int(os.environ[world])
+    return 0, 1

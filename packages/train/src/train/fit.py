@@ -160,6 +160,32 @@ def _checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
+
+def _launched_rank() -> int:
+    """This process's rank when torchrun / SLURM started the command several times, else 0."""
+    from train.config import launched_rank
+
+    return launched_rank()[0]
+
+
+def claim_run_dir(out_dir: Path, run_key: str) -> None:
+    """Make ``out_dir`` belong to ``run_key``: checkpoints of another configuration (other
+    data, steps or settings) are deleted, never resumed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = out_dir / "run_key.txt"
+    old = stamp.read_text().strip() if stamp.exists() else None
+    if old != run_key:
+        stale = list(out_dir.glob("*.ckpt"))
+        if stale:
+            print(f"[train] fit: {len(stale)} checkpoint(s) in {out_dir} belong to another configuration "
+                  f"({old or 'unknown'}); starting from scratch", flush=True)
+        for f in stale:
+            f.unlink(missing_ok=True)
+        from dspark.cache_dir import atomic_write_text
+
+        atomic_write_text(stamp, run_key + "\n")
+
+
 def fit(
     module: DistillModule,
     examples: list[Example],
@@ -195,19 +221,8 @@ def fit(
     N processes train the same drafter as one, up to float summation order."""
     L.seed_everything(seed, workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if run_key is not None:
-        stamp = out_dir / "run_key.txt"
-        old = stamp.read_text().strip() if stamp.exists() else None
-        if old != run_key:
-            stale = list(out_dir.glob("*.ckpt"))
-            if stale:
-                print(f"[train] fit: {len(stale)} checkpoint(s) in {out_dir} belong to another configuration "
-                      f"({old or 'unknown'}); starting from scratch", flush=True)
-            for f in stale:
-                f.unlink()
-            from dspark.cache_dir import atomic_write_text
-
-            atomic_write_text(stamp, run_key + "\n")
+    if run_key is not None and _launched_rank() == 0:  # other ranks of a launched run: rank 0 claimed it
+        claim_run_dir(out_dir, run_key)
     last = out_dir / "last.ckpt"
     start = min(_checkpoint_step(last), max_steps)
     sampler = GlobalBatchSampler(len(examples), batch_size, max_steps, seed=seed, start=start)
@@ -237,6 +252,11 @@ def fit(
     if start:
         print(f"[train] fit: resuming at step {start} of {max_steps} from {last}", flush=True)
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    if torch.distributed.is_initialized():
+        # a launched run (torchrun / SLURM): the group ends with the fit; rank 0 runs the later
+        # stages alone and the module's loss must not wait for peers there
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if world > 1:
         # spawned or forked workers trained copies: this process's module takes the weights they saved
         module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])

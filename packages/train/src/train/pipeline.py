@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -20,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dspark.cache_dir import atomic_write_text
-from train.config import repo_path, validate
+from train.config import launched_rank, repo_path, validate
 
 KNOWN_DRAFTERS = ("dspark", "dflash", "eagle3")
 
@@ -67,18 +68,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import mlflow
     import torch
 
-    from dspark.drafters import DraftVocab, build_drafter, load_drafter
-    from dspark.drafters.vocab import count_tokens
+    from dspark.drafters import load_drafter
     from dspark.prompts import PromptFormat
     from dspark.target import Target
     from train.calibrate import calibrate, reliability_diagram
     from train.data import check_loss_masks
-    from train.fit import fit
-    from train.module import DistillModule
+    from train.fit import claim_run_dir, fit
 
     validate(cfg)
+    rank, world = launched_rank()
+    if rank != 0:
+        _follow(cfg, rank)
+        return {}
     out = repo_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        _prepared_path(out).unlink(missing_ok=True)
+        _log(f"launched run: rank 0 of {world} prepares data and caches, then all {world} processes fit")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tc, dc = cfg.target, cfg.drafter
@@ -109,9 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         mlflow.log_metrics({"data_examples": len(examples), "data_supervised_tokens": sup})
 
         # 3. target features (offline cache, shared across experiments) ---------------
-        # the examples themselves are part of the key: a grown response file retrains
-        ex_key = hashlib.sha256(json.dumps([(e.id, e.input_ids) for e in examples]).encode()).hexdigest()[:16]
-        fit_key = _hash(cfg.target, cfg.drafter, cfg.data, _trainer_key(cfg.trainer), cfg.seed, ex_key)
+        fit_key = _fit_key(cfg, examples)
         fit_stage = Stage(out, "fit", fit_key)
         ckpt_dir = out / "drafter"
         features = topk = None
@@ -137,35 +141,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 topk = TopkCache(build_topk(target, examples, features, k, progress=cfg.progress), features)
                 _log(f"target top-{topk.k} log-probs: {topk.path} ({topk.m['rows_filled']} rows; {time.perf_counter() - t_k:.0f} s)")
 
+        if world > 1:  # the other ranks of a launched run wait for this, then join the fit
+            done = fit_stage.done() and ckpt_dir.exists()
+            claim_run_dir(out / "lightning", fit_key)  # stale checkpoints go before anyone reads last.ckpt
+            atomic_write_text(_prepared_path(out), json.dumps({
+                "launch": _launch_id(), "fit_key": fit_key, "fit": "done" if done else "pending",
+                "features": str(features.path) if features is not None else None,
+                "topk": str(topk.path) if topk is not None else None}, indent=1))
+
         # 4. distillation --------------------------------------------------------------
         if fit_stage.done() and ckpt_dir.exists():
             _log("fit: done for this config, skipped")
             drafter = load_drafter(str(ckpt_dir), target)
         else:
-            vocab = None
-            if dc.draft_vocab_size:
-                counts = count_tokens((e.input_ids for e in examples), target.vocab_size)
-                vocab = DraftVocab.from_counts(counts, dc.draft_vocab_size, always=target.eos_token_ids)
-            # eagle3 is one layer by definition; the others take their sizes from the config
-            extra = {} if dc.name == "eagle3" else {k: dc[k] for k in ("num_layers", "head", "rank", "mask_token_id") if k in dc}
-            drafter = build_drafter(dc.name, target, gamma=dc.gamma, feature_layers=list(dc.feature_layers), vocab=vocab, **extra)
-            module = DistillModule(
-                drafter, target, dc.name, lr=cfg.trainer.lr, warmup_frac=cfg.trainer.warmup_frac,
-                total_steps=cfg.trainer.max_steps, anchors_per_seq=cfg.trainer.anchors_per_seq,
-                loss_weights=tuple(dc.get("loss_weights", (0.1, 0.9, 1.0))), ttt_steps=dc.get("ttt_steps", 7), seed=cfg.seed,
-            )
+            module = _new_module(cfg, target, examples)
             from lightning.pytorch.loggers import MLFlowLogger
 
             logger = MLFlowLogger(tracking_uri=cfg.logger.tracking_uri, run_id=mlflow.active_run().info.run_id)
             t_s = time.perf_counter()
-            fit(
-                module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size,
-                precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip, ckpt_every=cfg.trainer.ckpt_every,
-                logger=logger, seed=cfg.seed, progress=cfg.progress, features=features, topk=topk, run_key=fit_key,
-                log_every=int(cfg.trainer.get("log_every", 10)), accelerator=str(cfg.trainer.get("accelerator", "auto")),
-                devices=cfg.trainer.get("devices", 1), num_nodes=int(cfg.trainer.get("num_nodes", 1)),
-                strategy=str(cfg.trainer.get("strategy", "auto")),
-            )
+            fit(module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size, logger=logger,
+                features=features, topk=topk, run_key=fit_key, **_fit_kwargs(cfg))
             drafter = module.drafter.float().eval()
             if ckpt_dir.exists():
                 shutil.rmtree(ckpt_dir)
@@ -215,6 +210,121 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         mlflow.log_artifacts(str(ckpt_dir), artifact_path="drafter")
         results = _evaluate_and_log(cfg, out, target, drafter, fit_key, t0)
     return results
+
+
+
+def _new_module(cfg: DictConfig, target: Any, examples: list) -> Any:
+    """A fresh drafter wrapped in its Lightning module; deterministic in (cfg, examples), so
+    every process of a launched run builds the same one."""
+    from dspark.drafters import DraftVocab, build_drafter
+    from dspark.drafters.vocab import count_tokens
+    from train.module import DistillModule
+
+    dc = cfg.drafter
+    vocab = None
+    if dc.draft_vocab_size:
+        counts = count_tokens((e.input_ids for e in examples), target.vocab_size)
+        vocab = DraftVocab.from_counts(counts, dc.draft_vocab_size, always=target.eos_token_ids)
+    # eagle3 is one layer by definition; the others take their sizes from the config
+    extra = {} if dc.name == "eagle3" else {k: dc[k] for k in ("num_layers", "head", "rank", "mask_token_id") if k in dc}
+    drafter = build_drafter(dc.name, target, gamma=dc.gamma, feature_layers=list(dc.feature_layers), vocab=vocab, **extra)
+    return DistillModule(
+        drafter, target, dc.name, lr=cfg.trainer.lr, warmup_frac=cfg.trainer.warmup_frac,
+        total_steps=cfg.trainer.max_steps, anchors_per_seq=cfg.trainer.anchors_per_seq,
+        loss_weights=tuple(dc.get("loss_weights", (0.1, 0.9, 1.0))), ttt_steps=dc.get("ttt_steps", 7), seed=cfg.seed,
+    )
+
+
+def _fit_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    tr = cfg.trainer
+    return dict(
+        precision=tr.precision, grad_clip=tr.grad_clip, ckpt_every=tr.ckpt_every, seed=cfg.seed, progress=cfg.progress,
+        log_every=int(tr.get("log_every", 10)), accelerator=str(tr.get("accelerator", "auto")),
+        devices=tr.get("devices", 1), num_nodes=int(tr.get("num_nodes", 1)), strategy=str(tr.get("strategy", "auto")),
+    )
+
+
+def _fit_key(cfg: DictConfig, examples: list) -> str:
+    # the examples themselves are part of the key: a grown response file retrains
+    ex_key = hashlib.sha256(json.dumps([(e.id, e.input_ids) for e in examples]).encode()).hexdigest()[:16]
+    return _hash(cfg.target, cfg.drafter, cfg.data, _trainer_key(cfg.trainer), cfg.seed, ex_key)
+
+
+# ---------------------------------------------------------------------------- launched runs
+# torchrun / SLURM start the whole command once per process. Rank 0 runs the pipeline as a
+# single process would (data, caches, MLflow, evaluation); every other rank waits for its
+# "prepared" marker, rebuilds the same examples and module from the shared output directory
+# and joins the fit only. The output directory must be on a filesystem all nodes share.
+
+
+def _launch_id() -> str:
+    """Names one launch, the same in all its processes: rank 0's marker must come from this
+    launch, not an earlier one."""
+    for k in ("DSPARK_LAUNCH_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        v = os.environ.get(k)
+        if v and v != "none":
+            return f"{k}={v}"
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+def _prepared_path(out: Path) -> Path:
+    return out / "prepared.json"
+
+
+def _wait_prepared(out: Path, timeout_s: float, poll_s: float = 2.0) -> dict:
+    path, launch, t0, said = _prepared_path(out), _launch_id(), time.monotonic(), 0.0
+    while True:
+        if path.exists():
+            try:
+                info = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                info = {}
+            if info.get("launch") == launch:
+                return info
+        waited = time.monotonic() - t0
+        if waited > timeout_s:
+            raise TimeoutError(f"rank 0 did not prepare {out} within trainer.prepare_timeout_s={timeout_s:.0f} s "
+                               f"(no {path.name} for launch {launch}); is output_dir on a filesystem every node shares?")
+        if waited - said >= 60:
+            said = waited
+            _log(f"waiting for rank 0 to prepare data and caches ({waited:.0f} s)")
+        time.sleep(poll_s)
+
+
+def _follow(cfg: DictConfig, rank: int) -> None:
+    """A non-zero rank of a launched run: wait for rank 0's caches, then train alongside it."""
+    import torch
+
+    from dspark.prompts import PromptFormat
+    from dspark.target import Target
+    from train.fit import fit
+
+    out = repo_path(cfg.output_dir)
+    _log(f"rank {rank}: rank 0 prepares the data and caches in {out}; waiting for it")
+    info = _wait_prepared(out, float(cfg.trainer.get("prepare_timeout_s", 14400)))
+    if info.get("fit") == "done":
+        _log(f"rank {rank}: the fit is already done for this config; nothing to do")
+        return
+    torch.manual_seed(cfg.seed)
+    tc = cfg.target
+    target = Target.load(tc.path, dtype=tc.dtype, prompt_format=PromptFormat(**OmegaConf.to_container(tc.prompt_format, resolve=True)))
+    train_rows, _held, responses = _prompts_and_responses(cfg, target, out)  # rank 0 finished any regeneration
+    examples = _examples(target, train_rows, responses, cfg.data.max_length)
+    key = _fit_key(cfg, examples)
+    if key != info.get("fit_key"):
+        raise RuntimeError(f"rank {rank} built other training examples than rank 0 (fit key {key} vs {info.get('fit_key')}): "
+                           "do all nodes see the same repository, data files and configuration?")
+    features = topk = None
+    if info.get("features"):
+        from train.features import FeatureCache, TopkCache
+
+        features = FeatureCache(Path(info["features"]), dtype=target.dtype)
+        if info.get("topk"):
+            topk = TopkCache(Path(info["topk"]), features)
+    module = _new_module(cfg, target, examples)
+    fit(module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size, logger=False,
+        features=features, topk=topk, run_key=key, **_fit_kwargs(cfg))
+    _log(f"rank {rank}: fit done")
 
 
 def _prompts_and_responses(cfg: DictConfig, target: Any, out: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
@@ -385,7 +495,7 @@ def _trainer_key(tr: DictConfig) -> dict:
     d = OmegaConf.to_container(tr, resolve=True)
     d.pop("feature_shard_tokens", None)
     d.pop("log_every", None)  # how often metrics are logged never changes the drafter
-    for k in ("accelerator", "devices", "num_nodes", "strategy"):
+    for k in ("accelerator", "devices", "num_nodes", "strategy", "prepare_timeout_s"):
         d.pop(k, None)  # nor how many processes share the global batch (same drafter; a run may resume on another count)
     if d.get("features") != "offline":  # online steps read exact targets: no cache, no top-k
         d.pop("feature_storage", None)
