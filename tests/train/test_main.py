@@ -77,8 +77,8 @@ def test_tiny_end_to_end(tmp_path, tiny_dir, drafter):
 
 def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir):
     """`torchrun --nproc_per_node 2 -m train ... trainer.strategy=ddp` (how a multi-node job
-    starts): rank 0 regenerates, builds the caches and logs; rank 1 waits for its marker and
-    joins the fit only. The drafter equals the one-process run's (same global batch), there
+    starts): both ranks regenerate half of the responses, rank 0 merges them, builds the
+    caches and logs; rank 1 waits for its marker and joins the fit only. The drafter equals the one-process run's (same global batch), there
     is one MLflow run, and a relaunch skips every stage on both ranks."""
     from safetensors.torch import load_file
 
@@ -90,11 +90,19 @@ def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     log = proc.stdout
     assert "rank 1: rank 0 prepares the data and caches" in log and "rank 1: fit done" in log
+    # the tiny experiment regenerates its responses: split over both ranks, merged by rank 0
+    assert "rank 0: regenerating 20 of 40 responses" in log and "rank 1: regenerating 20 of 40 responses" in log
+    assert "regeneration: 2 parts merged" in log
     assert "[train] fit: 2 processes (1 node(s) x 2 device(s), strategy ddp); global batch 4 -> per-process [2, 2]" in log
     assert log.count("[train] examples:") == 1 and log.count("[train] features:") == 1  # caches built once
-    one = train(tmp_path, *common, f"output_dir={tmp_path}/b")
+    one = train(tmp_path, *common, f"output_dir={tmp_path}/solo/b")  # its own response file and caches
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = (load_file(tmp_path / d / "drafter" / "model.safetensors") for d in ("a", "b"))
+    from train.regenerate import read_done
+
+    (merged,), (single,) = (list(d.glob("responses_*.jsonl")) for d in (tmp_path, tmp_path / "solo"))
+    m, o = read_done(merged), read_done(single)
+    assert len(m) == 40 and {k: r.response_ids for k, r in m.items()} == {k: r.response_ids for k, r in o.items()}
+    a, b = (load_file(tmp_path / d / "drafter" / "model.safetensors") for d in ("a", "solo/b"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k

@@ -300,15 +300,17 @@ def _follow(cfg: DictConfig, rank: int) -> None:
     from train.fit import fit
 
     out = repo_path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    tc = cfg.target
+    target = Target.load(tc.path, dtype=tc.dtype, prompt_format=PromptFormat(**OmegaConf.to_container(tc.prompt_format, resolve=True)))
+    if cfg.data.responses == "regenerate":  # this rank's share of the responses; rank 0 merges them
+        _prompts_and_responses(cfg, target, out)
     _log(f"rank {rank}: rank 0 prepares the data and caches in {out}; waiting for it")
     info = _wait_prepared(out, float(cfg.trainer.get("prepare_timeout_s", 14400)))
     if info.get("fit") == "done":
         _log(f"rank {rank}: the fit is already done for this config; nothing to do")
         return
-    torch.manual_seed(cfg.seed)
-    tc = cfg.target
-    target = Target.load(tc.path, dtype=tc.dtype, prompt_format=PromptFormat(**OmegaConf.to_container(tc.prompt_format, resolve=True)))
-    train_rows, _held, responses = _prompts_and_responses(cfg, target, out)  # rank 0 finished any regeneration
+    train_rows, _held, responses = _prompts_and_responses(cfg, target, out)  # rank 0 merged any regeneration
     examples = _examples(target, train_rows, responses, cfg.data.max_length)
     key = _fit_key(cfg, examples)
     if key != info.get("fit_key"):
@@ -353,6 +355,9 @@ def _prompts_and_responses(cfg: DictConfig, target: Any, out: Path) -> tuple[lis
     if dcfg.responses == "regenerate":
         rc = dcfg.regenerate
         resp_file = out.parent / f"responses_{_hash(target.name, cfg.target.dtype, rc, dcfg.train_file, cfg.seed)}.jsonl"
+        rank, world = launched_rank()
+        if world > 1 and not _regenerate_shared(cfg, target, train_rows + held_rows, resp_file, rank, world):
+            return train_rows, held_rows, {}  # rank > 0: its share is written; rank 0 merges
         responses = regenerate(target, train_rows + held_rows, resp_file, int(rc.max_new_tokens), float(rc.temperature),
                                cfg.seed, int(rc.batch_size), progress=cfg.progress)
     elif dcfg.responses == "reference":
@@ -361,6 +366,46 @@ def _prompts_and_responses(cfg: DictConfig, target: Any, out: Path) -> tuple[lis
             raise DataError(f"data.responses=reference but {len(missing)} prompts have no 'reference' answer")
         responses = {r["id"]: r["reference"] for r in train_rows + held_rows if r["reference"]}
     return train_rows, held_rows, responses
+
+
+def _regenerate_shared(cfg: DictConfig, target: Any, rows: list[dict], resp_file: Path, rank: int, world: int) -> bool:
+    """Regeneration split over the ranks of a launched run: rank r samples rows r, r + world,
+    ... into its own part file (resumable; every row has its own seed, so who samples it does
+    not matter); rank 0 waits for every part and merges them into ``resp_file`` by prompt id.
+    Returns True on rank 0 (``resp_file`` now holds every row), False on the other ranks."""
+    from train.regenerate import read_done, regenerate
+
+    done = read_done(resp_file)
+    if all(r["id"] in done for r in rows):
+        return True  # an earlier run made them all
+    rc, launch = cfg.data.regenerate, _launch_id()
+    part = resp_file.with_name(f"{resp_file.stem}.part{rank}of{world}.jsonl")
+    mine = [r for i, r in enumerate(rows) if i % world == rank]
+    _log(f"rank {rank}: regenerating {len(mine)} of {len(rows)} responses into {part.name}")
+    regenerate(target, mine, part, int(rc.max_new_tokens), float(rc.temperature), cfg.seed, int(rc.batch_size), progress=cfg.progress)
+    atomic_write_text(Path(f"{part}.done"), launch)
+    if rank != 0:
+        return False
+    parts = [resp_file.with_name(f"{resp_file.stem}.part{r}of{world}.jsonl") for r in range(world)]
+    timeout, t0 = float(cfg.trainer.get("prepare_timeout_s", 14400)), time.monotonic()
+    for p in parts:
+        flag = Path(f"{p}.done")
+        while not (flag.exists() and flag.read_text() == launch):
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{p.name} was not finished within trainer.prepare_timeout_s={timeout:.0f} s")
+            time.sleep(2.0)
+    for p in parts:
+        done.update(read_done(p))
+    missing = [r["id"] for r in rows if r["id"] not in done]
+    if missing:
+        raise RuntimeError(f"regeneration parts lack {len(missing)} responses (e.g. {missing[:3]})")
+    # every record: the file may also hold rows of runs with other data.max_prompts
+    atomic_write_text(resp_file, "".join(json.dumps(rec.__dict__, ensure_ascii=False) + "\n" for rec in done.values()))
+    for p in parts:
+        p.unlink(missing_ok=True)
+        Path(f"{p}.done").unlink(missing_ok=True)
+    _log(f"regeneration: {world} parts merged into {resp_file.name} ({len(rows)} responses)")
+    return True
 
 
 def _heldout_tau(cfg: DictConfig, target: Any, drafter: Any, held_rows: list[dict], responses: dict[str, Any]) -> dict[str, float | None]:
