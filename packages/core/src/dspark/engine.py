@@ -5,7 +5,8 @@ the target scores ``[anchor, drafts]`` for every request, and :func:`dspark.veri
 decides what is committed. Requests finish independently (stop token or token budget).
 
 Two ways to run the target, with identical results:
-- ``kv``: one rollback-able KV cache per request (the real path);
+- ``kv``: rollback-able KV caches (the real path): one preallocated slot cache for the whole
+  batch where the target supports it, else one HF cache per request;
 - ``recompute``: no cache, the whole right-padded batch is re-run each round. Causal
   attention makes right padding harmless, so this path is exact and lets tests push tens
   of thousands of tiny requests through the real engine in one forward per round.
@@ -43,15 +44,14 @@ def _concat_taps(taps: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.
 
 
 class _KVRunner:
-    """One KV cache per request; invariant: cache r holds seqs[r][:-1] (all but the anchor)."""
+    """One HF ``DynamicCache`` per request, one target forward per request: the reference
+    path, and the fallback for targets :mod:`dspark.batch_verify` does not support.
+    Invariant: cache r holds seqs[r][:-1] (all but the anchor)."""
 
-    def __init__(self, target: Target, feature_layers: Sequence[int] | None, batched: bool | None = None) -> None:
-        from dspark import batch_verify
-
+    def __init__(self, target: Target, feature_layers: Sequence[int] | None) -> None:
         self.target = target
         self.layers = list(feature_layers) if feature_layers else []
         self.caches: dict[int, object] = {}
-        self.batched = batch_verify.supports(target) if batched is None else batched
 
     def _fwd(self, r: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.target.forward(torch.tensor([ids], device=self.target.device), self.caches[r], logits="all", taps=self.layers)
@@ -68,17 +68,6 @@ class _KVRunner:
         return torch.stack(logits), (feats if self.layers else None)
 
     def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
-        if self.batched and len(rows) > 1:  # one target forward for the whole ragged batch
-            from dspark.batch_verify import batched_forward
-
-            fed = [[seqs[r][-1], *d] for r, d in zip(rows, drafts)]
-            lg, taps = batched_forward(self.target, [self.caches[r] for r in rows], fed, self.layers)
-            out = torch.empty((len(rows), k + 1, lg.shape[-1]), device=lg.device)  # fp32, as the per-request path
-            n = min(k + 1, lg.shape[1])
-            out[:, :n] = lg[:, :n]
-            out[:, n:] = lg[:, n - 1 : n]  # padding, never read by the verifier
-            cat = _concat_taps(taps, self.layers) if self.layers else None
-            return out, ([cat[i, : len(f)] for i, f in enumerate(fed)] if self.layers else None)
         out = torch.empty((len(rows), k + 1, self.target.vocab_size), device=self.target.device)
         feats = []
         for i, (r, d) in enumerate(zip(rows, drafts)):
@@ -93,6 +82,48 @@ class _KVRunner:
 
     def release(self, row: int) -> None:
         self.caches.pop(row, None)
+
+
+class _SlotRunner:
+    """All requests in one preallocated :class:`~dspark.slot_cache.SlotKVCache`, every
+    round one target forward for the whole ragged batch, keys written in place (no
+    per-step gather or copy). Prefill computes the LM head for the last prompt token
+    only. Invariant as :class:`_KVRunner`: request r holds seqs[r][:-1]."""
+
+    def __init__(self, target: Target, feature_layers: Sequence[int] | None) -> None:
+        from dspark.slot_cache import SlotKVCache
+
+        self.target = target
+        self.layers = list(feature_layers) if feature_layers else []
+        self.kv = SlotKVCache(target)
+
+    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
+        logits, feats = [], []
+        for r in rows:  # one forward per prompt: prompts differ in length by hundreds of tokens
+            self.kv.add(r)
+            lg, taps = self.kv.forward([r], [list(seqs[r])], self.layers, logits="last")
+            logits.append(lg[0, -1])
+            feats.append(_concat_taps(taps, self.layers)[0] if self.layers else None)
+        return torch.stack(logits), (feats if self.layers else None)
+
+    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
+        fed = [[seqs[r][-1], *d] for r, d in zip(rows, drafts)]
+        lg, taps = self.kv.forward(list(rows), fed, self.layers)
+        n = min(k + 1, lg.shape[1])
+        if n == k + 1 and lg.shape[1] == k + 1:
+            out = lg  # [B, k+1, V] fp32 already
+        else:
+            out = torch.empty((len(rows), k + 1, lg.shape[-1]), device=lg.device)
+            out[:, :n] = lg[:, :n]
+            out[:, n:] = lg[:, n - 1 : n]  # padding, never read by the verifier
+        cat = _concat_taps(taps, self.layers) if self.layers else None
+        return out, ([cat[i, : len(f)] for i, f in enumerate(fed)] if self.layers else None)
+
+    def commit(self, row: int, fed_drafts: int, accepted: int) -> None:
+        self.kv.rollback(row, fed_drafts - accepted)
+
+    def release(self, row: int) -> None:
+        self.kv.release(row)
 
 
 class _RecomputeRunner:
@@ -162,8 +193,10 @@ class SpeculativeEngine:
     num_draft: the most draft tokens verified per request per round (gamma).
     scheduler: optionally trims each request's draft to the verify length a
         :class:`~dspark.scheduler.PrefixScheduler` picks from the drafter's confidences.
-    batch_verify: verify all requests in one target forward (:mod:`dspark.batch_verify`);
-        None picks it whenever the target supports it, False forces one forward each.
+    batch_verify: keep every request in one preallocated slot cache and verify them all in
+        one target forward (:mod:`dspark.slot_cache`); None picks it whenever the target
+        supports it (:func:`dspark.batch_verify.supports`), False forces one HF cache and
+        one forward per request (the reference path).
     """
 
     def __init__(
@@ -215,7 +248,10 @@ class SpeculativeEngine:
         if self._run is None:
             layers = getattr(self.drafter, "feature_layers", None)
             if self.cache_mode == "kv":
-                self._run = _KVRunner(self.target, layers, batched=self.batch_verify)
+                from dspark import batch_verify
+
+                slots = batch_verify.supports(self.target) if self.batch_verify is None else self.batch_verify
+                self._run = _SlotRunner(self.target, layers) if slots else _KVRunner(self.target, layers)
             else:
                 self._run = _RecomputeRunner(self.target, layers)
         return self._run

@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None = None):
     d = ServeSettings.__dataclass_fields__
     ap = argparse.ArgumentParser(prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=d["target"].default, help="gemma3-270m (embedded) or a local HF model directory")
-    ap.add_argument("--dtype", default=d["dtype"].default, choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--dtype", default=d["dtype"].default, choices=["auto", "bfloat16", "float32"],
+                    help="auto (default): bfloat16 where the CPU/GPU computes it natively, else float32 (emulated bf16 makes prefill and multi-token verify forwards several times slower)")
     ap.add_argument("--drafter", default=d["drafter"].default, help="ngram, none, or a drafter directory saved by training")
     ap.add_argument("--policy", default=d["policy"].default, choices=["auto", "none", "static", "threshold", "sync", "async"],
                     help="how many draft tokens of each request to verify per step (DSPARK.md section 3); "

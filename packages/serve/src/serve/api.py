@@ -41,7 +41,7 @@ class ServeSettings:
     """Everything ``python -m serve`` configures (see ``python -m serve --help``)."""
 
     target: str = "gemma3-270m"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 where the device computes it natively (CUDA, AVX512-BF16 / AMX), else float32
     drafter: str = "ngram"  # ngram | none | a saved drafter directory
     policy: str = "auto"  # auto (sync with a confidence head, else static) | none | static | threshold | sync | async
     gamma: int = 7
@@ -59,6 +59,8 @@ class ServeSettings:
     metrics_file: str = ""
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"--dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.policy not in ("auto", "none", "static", "threshold", "sync", "async"):
             raise ValueError(f"--policy must be auto, none, static, threshold, sync or async, got {self.policy!r}")
         for name in ("gamma", "max_batch", "max_context", "max_tokens_limit"):

@@ -1,0 +1,193 @@
+"""A preallocated KV cache with one slot per request: the engine's batched target path.
+
+Every decoder layer keeps keys and values in one tensor ``[slots, kv_heads, capacity,
+head_dim]``; a request owns a slot and its keys sit at their absolute positions
+(``[0, length)``), sliding-window layers included. A forward over ``[R, N]`` new tokens
+writes each request's new keys in place at ``length_r .. length_r + N - 1`` and attends
+over a *view* of the storage, so nothing is copied per step when the batch's slots are
+consecutive (the usual case: slots are kept compact). Rollback is a length change:
+what lies past a request's length is never attended to (the mask is causal by absolute
+position), so rejected drafts and right padding need no cleanup. Sliding-window layers
+attend to a view that starts ``window - 1`` tokens before the earliest query and mask by
+absolute position, which is exactly the window HF's own sliding mask applies.
+
+Compared with :func:`dspark.batch_verify.batched_forward` over HF ``DynamicCache`` s this
+removes, per step, the gather of every request's keys into a padded batch, the write-back
+and the ``torch.cat`` that grows each cache by a token (a full copy of the layer).
+Capacity grows by doubling (one copy, amortised) and a freed slot is refilled by moving
+the last slot into it (one copy per finished request).
+
+Works for the targets :func:`dspark.batch_verify.supports` accepts (HF decoders that take
+a per-layer-type mask mapping: Gemma 3, Qwen3, Llama, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dspark.batch_verify import layer_types
+from dspark.target import Target
+
+
+class SlotKVCache:
+    """Per-layer ``[slots, H, capacity, D]`` key/value storage, one slot per request id.
+
+    The decoder calls :meth:`update` once per layer inside a forward that
+    :meth:`forward` set up; nothing else of HF's cache API is used on this path.
+    """
+
+    def __init__(self, target: Target, slots: int = 4, capacity: int = 256) -> None:
+        self.target = target
+        self.types = layer_types(target)
+        self.window = getattr(target.config, "sliding_window", None)
+        self.keys: list[torch.Tensor | None] = [None] * target.num_layers
+        self.values: list[torch.Tensor | None] = [None] * target.num_layers
+        self._slots0, self._cap0 = max(1, slots), max(8, capacity)
+        self.slot_of: dict[int, int] = {}  # request id -> slot
+        self.length: dict[int, int] = {}  # request id -> tokens stored
+        self._step: dict[str, Any] | None = None  # the forward in progress
+
+    # ------------------------------------------------------------------ slots
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.keys[0] is None else int(self.keys[0].shape[0])
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
+
+    def add(self, rid: int) -> None:
+        """Give request ``rid`` the next free slot (empty)."""
+        if rid in self.slot_of:
+            raise ValueError(f"request {rid} already holds slot {self.slot_of[rid]}")
+        self.slot_of[rid] = len(self.slot_of)
+        self.length[rid] = 0
+
+    @torch.inference_mode()  # the storage is made in inference mode: move it in the same mode
+    def release(self, rid: int) -> None:
+        """Free ``rid``'s slot; the request in the last slot moves into it (slots stay 0..n-1)."""
+        slot = self.slot_of.pop(rid, None)
+        if slot is None:
+            return
+        del self.length[rid]
+        last = len(self.slot_of)  # the highest slot still in use, before the move
+        if slot == last:
+            return
+        mover = next(r for r, s in self.slot_of.items() if s == last)
+        n = self.length[mover]
+        if self.keys[0] is not None and n:
+            for store in (self.keys, self.values):
+                for t in store:
+                    t[slot, :, :n] = t[last, :, :n]
+        self.slot_of[mover] = slot
+
+    def rollback(self, rid: int, n: int) -> None:
+        """Forget the last ``n`` tokens of request ``rid``."""
+        if n < 0:
+            raise ValueError(f"rollback count must be >= 0, got {n}")
+        if n > self.length[rid]:
+            raise ValueError(f"request {rid} holds {self.length[rid]} tokens; cannot roll back {n}")
+        self.length[rid] -= n
+
+    def _ensure(self, like: torch.Tensor, slots: int, need: int) -> None:
+        """Storage for at least ``slots`` slots of ``need`` positions (grows by doubling)."""
+        cur_s, cur_c = self.num_slots, self.capacity
+        if cur_s >= slots and cur_c >= need:
+            return
+        new_s = max(slots, self._slots0, 2 * cur_s if cur_s < slots else cur_s)
+        new_c = max(need, self._cap0, 2 * cur_c if cur_c < need else cur_c)
+        _, h, _, d = like.shape
+        for store in (self.keys, self.values):
+            for li, old in enumerate(store):
+                fresh = like.new_zeros((new_s, h, new_c, d))
+                if old is not None:
+                    fresh[:cur_s, :, :cur_c] = old
+                store[li] = fresh
+
+    # ------------------------------------------------------------------ the decoder's hook
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: Any = None, **_: Any):
+        st = self._step
+        if st is None:
+            raise RuntimeError("SlotKVCache.update called outside SlotKVCache.forward")
+        if self.keys[layer_idx] is None:  # first forward: storage shaped like this layer's keys
+            self._ensure(key_states, st["slots_needed"], st["need"])
+        if self.capacity < st["need"] or self.num_slots < st["slots_needed"]:
+            self._ensure(key_states, st["slots_needed"], st["need"])
+        K, V = self.keys[layer_idx], self.values[layer_idx]
+        rows, wpos = st["rows"], st["wpos"]  # [R, 1], [R, N]
+        K[rows, :, wpos] = key_states.permute(0, 2, 1, 3).to(K.dtype)  # advanced indices first: [R, N, H, D]
+        V[rows, :, wpos] = value_states.permute(0, 2, 1, 3).to(V.dtype)
+        lo = st["lo"][self.types[layer_idx]]
+        hi = st["hi"]
+        if st["contiguous"] is not None:
+            a, b = st["contiguous"]
+            return K[a:b, :, lo:hi], V[a:b, :, lo:hi]
+        idx = st["rows_flat"]
+        return K.index_select(0, idx)[:, :, lo:hi], V.index_select(0, idx)[:, :, lo:hi]
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def forward(
+        self, rids: Sequence[int], tokens: Sequence[Sequence[int]], taps: Sequence[int] = (), logits: str = "all"
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """Feed ``tokens[i]`` after what request ``rids[i]`` holds, all requests in one
+        target forward. Each request's length grows by its own token count (roll back
+        rejected ones with :meth:`rollback`). Returns logits ``[R, N, V]`` (rows past
+        ``len(tokens[i])`` are padding; ``logits="last"``: each row's last real token,
+        ``[R, 1, V]``) and the tapped layer outputs ``{layer: [R, N, d]}``."""
+        R = len(rids)
+        lens = [len(t) for t in tokens]
+        if R == 0 or len(tokens) != R or min(lens) == 0:
+            raise ValueError("every request needs at least one token")
+        target = self.target
+        dev = target.device
+        N = max(lens)
+        past = torch.tensor([self.length[r] for r in rids], dtype=torch.long)
+        slots = torch.tensor([self.slot_of[r] for r in rids], dtype=torch.long)
+        ids = torch.empty((R, N), dtype=torch.long)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+            ids[i, len(t) :] = t[-1]
+        q_pos = past[:, None] + torch.arange(N)[None, :]  # [R, N] absolute positions
+        hi = int(past.max()) + N
+        lo = {"full_attention": 0, "sliding_attention": 0}
+        if self.window:
+            lo["sliding_attention"] = max(0, int(past.min()) - self.window + 1)
+        s_sorted = sorted(slots.tolist())
+        contiguous = (s_sorted[0], s_sorted[-1] + 1) if s_sorted == list(range(s_sorted[0], s_sorted[-1] + 1)) else None
+        order = torch.argsort(slots) if contiguous is not None else torch.arange(R)
+        # run the rows in slot order so the attended keys are a plain view of the storage
+        ids, q_pos, slots_o = ids[order], q_pos[order], slots[order]
+        dtype = target.dtype
+        neg = torch.finfo(dtype).min
+        masks = {}
+        for ty in set(self.types):
+            kpos = torch.arange(lo[ty], hi)[None, None, :]  # [1, 1, S]
+            q = q_pos[:, :, None]
+            ok = kpos <= q
+            if ty == "sliding_attention" and self.window:
+                ok &= kpos > q - self.window
+            masks[ty] = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, neg)[:, None].to(dev)
+        self._step = {
+            "rows": slots_o[:, None].to(dev), "wpos": q_pos.to(dev), "rows_flat": slots_o.to(dev),
+            "contiguous": contiguous, "lo": lo, "hi": hi, "need": hi, "slots_needed": max(s_sorted) + 1,
+        }
+        try:
+            mode = "all" if logits == "all" else "none"
+            out = target.forward(ids.to(dev), self, logits=mode, taps=taps, final_hidden=logits == "last",
+                                 model_kwargs={"attention_mask": masks, "position_ids": q_pos.to(dev)})
+        finally:
+            self._step = None
+        for r, n in zip(rids, lens):
+            self.length[r] += n
+        inv = torch.argsort(order)
+        if logits == "last":
+            last = torch.tensor(lens, dtype=torch.long)[order] - 1
+            h = out.final_hidden[torch.arange(R), last][:, None]
+            lg = target.lm_head(h)[inv]
+        else:
+            lg = None if out.logits is None else out.logits[inv]
+        return lg, {k: v[inv] for k, v in out.taps.items()}
