@@ -193,8 +193,8 @@ def test_triton_rejection_sampler_is_lossless(target, kind, pname):
 
 @pytest.mark.parametrize("kind", ["peaked_wrong", "deterministic"])
 def test_kv_cache_and_ragged_batch_verify_are_lossless_past_the_window(target, kind):
-    """The default engine path (per-request KV caches, every request verified in one
-    padded forward by dspark.batch_verify) with two prompts of different lengths, both
+    """The default engine path (every request in one slot KV cache, all verified in one
+    ragged forward: dspark.slot_cache) with two prompts of different lengths, both
     longer than the tiny target's sliding window (8), decoded concurrently: each
     prompt's 3-token continuations must follow its own exact AR distribution."""
     from dspark import batch_verify

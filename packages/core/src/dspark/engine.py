@@ -52,6 +52,7 @@ class _KVRunner:
         self.target = target
         self.layers = list(feature_layers) if feature_layers else []
         self.caches: dict[int, object] = {}
+        self.batched = False  # one target forward per request
 
     def _fwd(self, r: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.target.forward(torch.tensor([ids], device=self.target.device), self.caches[r], logits="all", taps=self.layers)
@@ -96,6 +97,7 @@ class _SlotRunner:
         self.target = target
         self.layers = list(feature_layers) if feature_layers else []
         self.kv = SlotKVCache(target)
+        self.batched = True  # one target forward for the whole ragged batch
 
     def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
         logits, feats = [], []
