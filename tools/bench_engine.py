@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from dspark.benchmarks import load_first_turns
+from dspark.benchmarks import BENCHMARKS, load_first_turns
 from serve.api import ServeSettings, build_service
 from serve.service import ServeRequest
-
-BENCHMARKS = ["gsm8k", "math500", "aime25", "mbpp", "humaneval", "livecodebench", "mt-bench", "arena-hard-v2"]
 
 
 def main() -> None:

@@ -111,12 +111,11 @@ class _SlotRunner:
     def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
         fed = [[seqs[r][-1], *d] for r, d in zip(rows, drafts)]
         lg, taps = self.kv.forward(list(rows), fed, self.layers)
-        n = min(k + 1, lg.shape[1])
-        if n == k + 1 and lg.shape[1] == k + 1:
-            out = lg  # [B, k+1, V] fp32 already
-        else:
+        n = lg.shape[1]  # longest fed row: at most k + 1
+        out = lg  # [B, k+1, V] fp32 when some row verifies all k drafts
+        if n < k + 1:
             out = torch.empty((len(rows), k + 1, lg.shape[-1]), device=lg.device)
-            out[:, :n] = lg[:, :n]
+            out[:, :n] = lg
             out[:, n:] = lg[:, n - 1 : n]  # padding, never read by the verifier
         cat = _concat_taps(taps, self.layers) if self.layers else None
         return out, ([cat[i, : len(f)] for i, f in enumerate(fed)] if self.layers else None)

@@ -112,10 +112,8 @@ class SlotKVCache:
         st = self._step
         if st is None:
             raise RuntimeError("SlotKVCache.update called outside SlotKVCache.forward")
-        if self.keys[layer_idx] is None:  # first forward: storage shaped like this layer's keys
-            self._ensure(key_states, st["slots_needed"], st["need"])
-        if self.capacity < st["need"] or self.num_slots < st["slots_needed"]:
-            self._ensure(key_states, st["slots_needed"], st["need"])
+        # (first forward: storage shaped like these keys; later: grown when this forward needs it)
+        self._ensure(key_states, st["slots_needed"], st["need"])
         K, V = self.keys[layer_idx], self.values[layer_idx]
         rows, wpos = st["rows"], st["wpos"]  # [R, 1], [R, N]
         K[rows, :, wpos] = key_states.permute(0, 2, 1, 3).to(K.dtype)  # advanced indices first: [R, N, H, D]
