@@ -38,6 +38,21 @@ def solo(target, e):
     return torch.cat([r.taps[i] for i in LAYERS], -1)[0], r.final_hidden[0]
 
 
+def assert_bf16_of(got, want):
+    """`got` is what the cache returns for a feature whose one-sequence fp32 value is `want`.
+    The cache computes it in a padded batch, where fp32 sums run in another order, so the
+    value it rounds can differ from `want` in the last fp32 bits and, rarely, land on the
+    other side of a bf16 rounding boundary. What must hold exactly: the stored value is a
+    bf16 number (nothing else is lost in the round trip), it is at most one bf16 step from
+    `want`, and almost every element is exactly `want`'s bf16 rounding."""
+    assert got.shape == want.shape
+    assert torch.equal(got, got.to(torch.bfloat16).float())
+    step = torch.ldexp(torch.ones_like(want), torch.frexp(want)[1] - 8)  # one bf16 step at |want|
+    assert bool(((got - want).abs() <= step + 1e-30).all())
+    same = (got == want.to(torch.bfloat16).float()).float().mean()
+    assert float(same) >= 0.99
+
+
 def test_bf16_round_trip_is_exact_and_sharded(target, tmp_path):
     exs = examples()
     path = F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, batch_size=3, progress=False)
@@ -50,7 +65,8 @@ def test_bf16_round_trip_is_exact_and_sharded(target, tmp_path):
     for i, e in enumerate(exs):
         f, h = cache[i]
         wf, wh = solo(target, e)
-        assert torch.equal(f, wf.to(torch.bfloat16).float()) and torch.equal(h, wh.to(torch.bfloat16).float())
+        for got, want in ((f, wf), (h, wh)):
+            assert_bf16_of(got, want)
     # the same target + data + layers is the same cache: a second build computes nothing
     stamp = (path / "shard-00000.bin").stat().st_mtime_ns
     assert F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, progress=False) == path
