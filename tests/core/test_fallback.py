@@ -52,7 +52,7 @@ def test_rows_are_routed_by_the_committed_context_only(target):
     seqs = [[5, 6, 7, 5, 6], [8, 9, 10, 11]]  # row 0 ends in "5 6", seen before; row 1 repeats nothing
     feats = [torch.randn(len(s) - 1, d) for s in seqs]
     prop = fb.propose(DraftState(seqs, [0, 1], 4, GREEDY, None, feats))
-    assert prop.tokens[0, : int(prop.lens[0])].tolist() == [7, 5, 6][: int(prop.lens[0])]  # the n-gram continuation
+    assert prop.tokens[0, : int(prop.lens[0])].tolist() == [7, 5, 6, 7][: int(prop.lens[0])]  # the n-gram continuation (periodic)
     assert int(prop.lens[1]) == 4  # the trained drafter's block
     assert prop.probs is not None and float(prop.probs[0, 0, 7]) == 1.0  # a point mass on the n-gram draft
     assert 0 in fb._pending and fb._pending[0].shape[0] == len(seqs[0]) - 1  # held for the trained drafter

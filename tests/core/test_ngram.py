@@ -19,10 +19,20 @@ def test_longest_ngram_latest_occurrence_wins():
     assert propose(NgramDrafter(max_ngram=2, min_ngram=1, num_tokens=3), seq) == [7, 7, 7]  # latest "5 6"
 
 
+def test_a_loop_shorter_than_k_is_continued_periodically():
+    """Greedy text of a base model loops; the copy after the latest occurrence runs into
+    the end of the context and continues over its own proposal (period 3 here)."""
+    d = NgramDrafter(max_ngram=3, min_ngram=1, num_tokens=7)
+    assert propose(d, [9, 1, 2, 3, 1, 2, 3]) == [1, 2, 3, 1, 2, 3, 1]
+    assert propose(NgramDrafter(num_tokens=5), [4, 4]) == [4, 4, 4, 4, 4]  # period 1
+    # a continuation that fits is copied as is, no periodic extension
+    assert propose(NgramDrafter(max_ngram=2, num_tokens=2), [5, 6, 7, 8, 0, 5, 6]) == [7, 8]
+
+
 def test_no_match_gives_zero_length_draft_and_incremental_updates():
     d = NgramDrafter(max_ngram=2, min_ngram=2, num_tokens=4)
     assert propose(d, [1, 2, 3]) == []
-    assert propose(d, [1, 2, 3, 1, 2]) == [3, 1, 2]  # same request grew: index extended in place
+    assert propose(d, [1, 2, 3, 1, 2]) == [3, 1, 2, 3]  # same request grew: index extended in place
     assert propose(d, [1, 2, 3, 1, 2], k=2) == [3, 1]  # the engine's budget caps the draft
     assert propose(d, [7, 8, 7], rid=0) == []  # a different sequence under the same id rebuilds
     d.release([0])

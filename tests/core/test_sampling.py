@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dspark.sampling import SamplingParams, probs_from_logits, sample
@@ -49,3 +50,22 @@ def test_inverse_cdf_frequencies_and_zero_weights():
     # boundary draws never land on a zero-weight id (u = 0 and u just below 1)
     edge = inverse_cdf(torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0]] * 3), torch.tensor([0.0, 2 / 3, 1 - 1e-7]))
     assert edge.tolist() == [1, 3, 3]
+
+
+def test_inverse_cdf_across_blocks_and_a_ragged_last_block():
+    """A vocabulary that is not a multiple of the 512-id search block, mass on both sides
+    of block boundaries and on the very last id; fp64 draws at 0 and just below 1."""
+    from dspark.sampling import inverse_cdf
+
+    V = 1301  # blocks of 512: the last one is padded
+    w = torch.zeros(V)
+    w[[5, 511, 512, 1023, 1300]] = torch.tensor([1.0, 2.0, 3.0, 0.5, 3.5])
+    u = torch.rand(100_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ids = inverse_cdf(w.repeat(len(u), 1), u)
+    assert set(ids.unique().tolist()) <= {5, 511, 512, 1023, 1300}
+    freq = torch.bincount(ids, minlength=V)[[5, 511, 512, 1023, 1300]].double() / len(ids)
+    torch.testing.assert_close(freq, (w[[5, 511, 512, 1023, 1300]] / 10).double(), atol=0.006, rtol=0)
+    edge = inverse_cdf(w.repeat(3, 1), torch.tensor([0.0, 0.3, 1 - 2**-53], dtype=torch.float64))
+    assert edge.tolist() == [5, 512, 1300]
+    with pytest.raises(ValueError, match="inverse_cdf"):
+        inverse_cdf(w.repeat(3, 1), torch.zeros(2))

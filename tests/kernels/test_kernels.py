@@ -146,6 +146,32 @@ def test_distill_loss_reference_values():
     torch.testing.assert_close(acc, torch.tensor([1.0, 0.0]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_q", [True, False])
+def test_rejection_sample_inverse_cdf_draw(with_q):
+    """The CPU form of the correction / bonus draw (one fp64 uniform per row, inverse CDF)
+    makes the same accept decisions as the exponential race and samples the same law:
+    the residual at a rejected slot, p_t at the bonus slot."""
+    p, tok, lens, q, u, noise = ragged_case(B=6, K=4, V=5, seed=4, with_q=with_q)
+    p, tok, lens, q, u = [x.cpu() if x is not None else None for x in (p, tok, lens, q, u)]
+    _, n_acc = ref.rejection_sample(p, tok, lens, q, u, noise.cpu())
+    n = 20_000
+    u64 = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for b in range(6):
+        rep = [x[b : b + 1].repeat(n, *[1] * (x.dim() - 1)) if x is not None else None for x in (p, tok, lens, q, u)]
+        toks, acc = kernels.rejection_sample(*rep, u64)
+        assert bool((acc == n_acc[b]).all())  # the accept decisions use only `uniforms`
+        a = int(n_acc[b])
+        if a < int(lens[b]):
+            qa = torch.zeros(5).scatter_(0, tok[b, a : a + 1], 1.0) if q is None else q[b, a]
+            want = ref.residual(p[b, a][None], qa[None])[0]
+        else:
+            want = p[b, a]
+        freq = torch.bincount(toks[:, a], minlength=5).float() / n
+        torch.testing.assert_close(freq, want / want.sum(), atol=0.015, rtol=0)
+    with pytest.raises(ValueError, match="noise must have dtype"):
+        kernels.rejection_sample(p, tok, lens, q, u, u64[:6].float())
+
+
 def test_dispatch_switch_and_argument_checks(monkeypatch):
     p, tok, lens, q, u, noise = ragged_case()
     with kernels.backend_override("torch"):

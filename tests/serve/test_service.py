@@ -156,6 +156,21 @@ def test_limits_give_clear_errors(target):
     assert not svc.has_work()
 
 
+def test_metrics_count_rounds_with_and_without_a_draft():
+    """tau counts every request round; drafted_rounds_total only those that verified a
+    draft (vLLM's num_drafts), so both definitions of tau can be read off /metrics."""
+    from serve.service import ServeMetrics
+
+    m = ServeMetrics(positions=4)
+    m.record_step([(1, 3, 2), (2, 0, 0)], new_tokens=4)
+    m.record_step([(1, 4, 0)], new_tokens=1)
+    snap = m.snapshot()
+    assert snap["request_rounds_total"] == 3 and snap["drafted_rounds_total"] == 2
+    assert snap["accepted_tokens_total"] == 2 and snap["tau"] == (2 + 3) / 3
+    assert 1 + snap["accepted_tokens_total"] / snap["drafted_rounds_total"] == 2.0
+    assert "dspark_drafted_rounds_total 2" in prometheus_text(snap)
+
+
 def test_prometheus_text_is_well_formed(target):
     svc = engine(target, "static")
     run_all(svc, {"a": ServeRequest(prompt=prompts(target, 1)[0], max_tokens=8, temperature=0.0)})

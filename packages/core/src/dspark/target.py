@@ -59,9 +59,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 # A verify forward's few rows against the 262k-row LM head: on CPU, fp32 GEMM with 4..48
 # rows runs at a fraction of its speed for one row (measured: 8 rows 108 ms, 1 row 33 ms
 # on a 2-core Xeon); streaming the weight in blocks, W_blk @ h^T, takes 67 ms for 8 rows.
-# Below 4 rows and above 48 the library's own kernel is faster (docs/benchmarks.md).
+# Above 48 rows the library's own kernel is faster (docs/benchmarks.md). Below 4 rows it
+# depends on the CPU: on that Xeon the library was faster; on a 2-core AMD EPYC (AVX2)
+# the library took 73 / 142 ms for 1 / 2 rows against 67 / 49 ms blockwise. So for 1-3
+# rows the first call of each row count times both ways once and keeps the faster.
 _SKINNY_ROWS = (4, 48)
 _SKINNY_BLOCK = 32768
+_few_rows_choice: dict[tuple[int, int], bool] = {}  # (rows, vocab) -> blockwise is faster
 
 
 def skinny_linear(hidden: torch.Tensor, weight: torch.Tensor, block: int = _SKINNY_BLOCK) -> torch.Tensor:
@@ -226,11 +230,18 @@ class Target:
         """[..., d] final normed hidden -> [..., V] fp32 logits (with the model's softcap)."""
         head = self.model.get_output_embeddings()
         rows = hidden.numel() // max(hidden.shape[-1], 1)
-        if _SKINNY_ROWS[0] <= rows <= _SKINNY_ROWS[1] and hidden.device.type == "cpu" and hidden.dtype == torch.float32 \
-                and getattr(head, "bias", None) is None and isinstance(head, nn.Linear):
-            logits = skinny_linear(hidden, head.weight)
-        else:
-            logits = head(hidden).float()
+        blockwise = rows <= _SKINNY_ROWS[1] and hidden.device.type == "cpu" and hidden.dtype == torch.float32 \
+            and getattr(head, "bias", None) is None and isinstance(head, nn.Linear)
+        if blockwise and rows < _SKINNY_ROWS[0]:
+            key = (rows, head.weight.shape[0])
+            if key not in _few_rows_choice:  # time both once: the faster depends on the CPU
+                t0 = time.perf_counter()
+                head(hidden)
+                t1 = time.perf_counter()
+                skinny_linear(hidden, head.weight)
+                _few_rows_choice[key] = time.perf_counter() - t1 < t1 - t0
+            blockwise = _few_rows_choice[key]
+        logits = skinny_linear(hidden, head.weight) if blockwise else head(hidden).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

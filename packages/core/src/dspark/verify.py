@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark import kernels
-from dspark.sampling import Generators, SamplingParams, exponential, probs_from_logits, uniform_ragged
+from dspark.sampling import Generators, SamplingParams, exponential, probs_from_logits, uniform64, uniform_ragged
 
 
 @dataclass
@@ -77,7 +77,10 @@ def verify(
     else:
         p = probs_from_logits(target_logits, params)  # [B, K+1, V] fp32
         u = uniform_ragged(draft_lens, K, generator, device)
-        noise = exponential((B, p.shape[-1]), generator, device)
+        if device.type == "cuda":  # Exp(1) noise for the Triton kernel's race: cheap on a GPU
+            noise = exponential((B, p.shape[-1]), generator, device)
+        else:  # one fp64 uniform per row (inverse CDF): V exponentials per row cost ~8 ms on a CPU
+            noise = uniform64(generator, B, device)
         q = None if draft_probs is None else draft_probs.float().to(device)
         tokens, n_acc = kernels.rejection_sample(p, draft_tokens, draft_lens, q, u, noise)
     n_emit = n_acc + 1

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--ngram-fallback", type=int, default=0, metavar="N",
                     help="with a trained drafter: prompt lookup for requests whose context ends in a repeated n-gram of >= N tokens (0: off)")
     ap.add_argument("--sps-refresh", action="store_true", help="re-profile SPS(B) instead of loading the cached profile")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the engine (0: one per core); on a small CPU, one fewer than the cores leaves one for the HTTP process")
     ap.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             threshold=args.threshold, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
             max_tokens_limit=args.max_tokens_limit, model_name=args.model_name, api_key=args.api_key,
             sps_refresh=args.sps_refresh, draft_gate=not args.no_draft_gate, ngram_fallback=args.ngram_fallback,
+            threads=args.threads,
         )
     except ValueError as e:
         print(f"[serve] {e}", file=sys.stderr)

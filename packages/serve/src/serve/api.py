@@ -57,6 +57,7 @@ class ServeSettings:
     sps_refresh: bool = False
     sps_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     metrics_file: str = ""
+    threads: int = 0  # torch intra-op threads of the engine process (0: torch's default, one per core)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32"):
@@ -70,6 +71,8 @@ class ServeSettings:
             raise ValueError(f"--ngram-fallback must be >= 0, got {self.ngram_fallback}")
         if self.ngram_fallback and self.drafter in ("ngram", "none"):
             raise ValueError("--ngram-fallback puts prompt lookup in front of a trained drafter; --drafter is " + self.drafter)
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not self.model_name:
@@ -136,6 +139,10 @@ class SpeculativeAPI(ls.LitAPI):
         self.settings = settings
 
     def setup(self, device: str) -> None:
+        if self.settings.threads:
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
         self.service = build_service(self.settings, device if str(device).startswith("cuda") else "cpu")
         self._acks: deque[Output] = deque()
         self._last_metrics = 0.0

@@ -248,6 +248,8 @@ def prometheus_text(snap: dict[str, Any], http: dict[str, int] | None = None) ->
     metric("engine_steps_total", "counter", "Engine steps (draft -> verify -> commit rounds).", [("", snap.get("steps_total", 0))])
     metric("request_rounds_total", "counter", "Request-steps: one per request verified in a step.", [("", snap.get("request_rounds_total", 0))])
     metric("verify_tokens_total", "counter", "Draft tokens sent to the target for verification.", [("", snap.get("verify_tokens_total", 0))])
+    metric("drafted_rounds_total", "counter", "Request-steps that verified at least one draft token (vLLM's num_drafts).",
+           [("", snap.get("drafted_rounds_total", 0))])
     metric("accepted_tokens_total", "counter", "Draft tokens accepted.", [("", snap.get("accepted_tokens_total", 0))])
     metric("tau", "gauge", "Mean tokens per request per step (accepted drafts + 1), since start.", [("", snap.get("tau", 0.0))])
     metric("verify_tokens_per_request_step", "gauge", "Mean draft tokens verified per request per step.",

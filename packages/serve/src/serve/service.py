@@ -86,8 +86,11 @@ class TextStream:
         full = self.decode(self.ids[self.prefix :])
         if full.endswith("\ufffd") and not final:
             return  # part of a multi-byte character: wait for the rest
-        same = len(ctx) if full.startswith(ctx) else next((i for i, (a, b) in enumerate(zip(ctx, full)) if a != b), min(len(ctx), len(full)))
-        self.text += full[same:]
+        # ctx is already in self.text: what the new ids add is what full has past ctx's
+        # length, also when the two decodes differ earlier (a decode that is not
+        # prefix-stable, e.g. one that recases or cleans up the start of the window;
+        # appending from the first difference would repeat text the client already has)
+        self.text += full[len(ctx):]
         self.marks.append((len(self.ids), len(self.text), self.prefix))
         self.prefix, self.read = self.read, len(self.ids)
 
@@ -143,6 +146,7 @@ class ServeMetrics:
         self.steps_total = 0
         self.request_rounds = 0  # sum over steps of the requests verified in that step
         self.verify_tokens_total = 0  # draft tokens sent to the target
+        self.drafted_rounds = 0  # request rounds that verified at least one draft token
         self.accepted_total = 0
         self.reached = [0] * positions  # rounds whose verified prefix reached position k
         self.accepted_at = [0] * positions  # ... and accepted it
@@ -161,6 +165,7 @@ class ServeMetrics:
         for _rid, verified, accepted in rounds:
             self.request_rounds += 1
             self.verify_tokens_total += verified
+            self.drafted_rounds += verified > 0
             self.accepted_total += accepted
             for k in range(min(verified, self.positions)):
                 self.reached[k] += 1
@@ -178,6 +183,7 @@ class ServeMetrics:
             "requests_total": self.requests_total,
             "request_rounds_total": self.request_rounds,
             "verify_tokens_total": self.verify_tokens_total,
+            "drafted_rounds_total": self.drafted_rounds,
             "accepted_tokens_total": self.accepted_total,
             "finished_total": dict(self.finished),
             "generated_tokens_total": self.tokens_total,

@@ -1,5 +1,5 @@
 """Prompt-lookup (n-gram) drafter: copies what followed the latest earlier occurrence of
-the context's last n tokens. Needs no training; strong on repetitive outputs (code,
+the context's last n tokens (continuing the copy periodically when it reaches the end). Needs no training; strong on repetitive outputs (code,
 quoting the question, a base model's loops)."""
 
 from __future__ import annotations
@@ -29,11 +29,19 @@ class _Index:
                 self.last[tuple(self.seq[j - n + 1 : j + 1])] = j
 
     def lookup(self, k: int) -> list[int]:
+        """Up to ``k`` tokens after the latest earlier occurrence of the longest matching
+        suffix. When that continuation runs into the end of the context (the text repeats
+        with period p = len - 1 - j), the copy goes on over the tokens it has just proposed,
+        as an overlapping LZ77 copy does, so a loop shorter than k still gets k drafts."""
         s = self.seq
-        for n in range(min(self.max_n, len(s)), self.min_n - 1, -1):
-            j = self.last.get(tuple(s[len(s) - n :]))
+        L = len(s)
+        for n in range(min(self.max_n, L), self.min_n - 1, -1):
+            j = self.last.get(tuple(s[L - n :]))
             if j is not None:
-                return s[j + 1 : j + 1 + k]
+                out = s[j + 1 : j + 1 + k]
+                while len(out) < k:  # position j + 1 + t lies past the context: it is out[t - p]
+                    out.append(out[j + 1 + len(out) - L])
+                return out
         return []
 
 

@@ -171,7 +171,7 @@ class ParallelDrafter(LinkedDrafter):
                 tok, probs = kernels.rnn_sample(base, h, self.head.w1.weight, cell.weight, cell.bias, self.head.w2.weight, prev, temp, noise)
         else:
             # one uniform per slot, drawn by inverse CDF (the exponential race needed K per slot)
-            u = None if temp == 0 else uniform((B, g), state.generator, base.device)
+            u = None if temp == 0 else uniform((B, g), state.generator, base.device, torch.float64)
             if self.head is None:
                 probs = temperature_probs(base, temp)
                 tok = probs.argmax(-1) if u is None else inverse_cdf(probs.view(B * g, K), u.view(-1)).view(B, g)

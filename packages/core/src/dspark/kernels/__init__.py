@@ -110,8 +110,9 @@ def rejection_sample(
     _check("draft_lens", draft_lens, (B,), LONG)
     _check("draft_probs", draft_probs, (B, K, V), F32)
     _check("uniforms", uniforms, (B, K), F32)
-    _check("noise", noise, (B, V), F32)
-    impl = _triton() if _use_triton(target_probs) else reference
+    race = noise.dim() == 2  # [B, V] Exp(1); else [B] fp64 uniforms for the inverse CDF
+    _check("noise", noise, (B, V) if race else (B,), F32 if race else (torch.float64,))
+    impl = _triton() if race and _use_triton(target_probs) else reference
     return impl.rejection_sample(target_probs, draft_tokens, draft_lens, draft_probs, uniforms, noise)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark.sampling import temperature_probs
+from dspark.sampling import inverse_cdf, temperature_probs
 
 # Below this residual mass the rejection itself had probability <= the mass, so falling
 # back to p_t (to avoid sampling from rounding noise) changes nothing measurable.
@@ -66,7 +66,9 @@ def rejection_sample(
 
     target_probs [B, K+1, V] fp32; draft_tokens [B, K]; draft_lens [B]; draft_probs
     [B, K, V] fp32 or None (deterministic drafter: one-hot); uniforms [B, K] U[0,1);
-    noise [B, V] Exp(1) for the correction / bonus sample (exponential race).
+    noise: the draw for the correction / bonus sample, either [B, V] Exp(1) (exponential
+    race, what the Triton kernel takes) or [B] fp64 U[0, 1) (inverse CDF: one draw per row,
+    what CPUs use, where V exponentials per row cost more than the rest of the sampler).
     Returns (tokens [B, K+1], n_acc [B]) as :func:`rejection_greedy`.
     """
     B, K = draft_tokens.shape
@@ -79,15 +81,16 @@ def rejection_sample(
     n_acc = _first_false((uniforms * q_x < p_x) & valid)
     p_last = target_probs[rows, correction_slot(n_acc, draft_lens)]
     rejected = n_acc < draft_lens
-    q_last = torch.zeros_like(p_last)
+    weights = p_last  # every row took the bonus slot: plain target sampling
     if K > 0 and bool(rejected.any()):
         idx = n_acc.clamp_max(K - 1)
+        q_last = torch.zeros_like(p_last)
         if draft_probs is None:
             q_last.scatter_(-1, safe[rows, idx][:, None], 1.0)
         else:
             q_last = draft_probs[rows, idx].clone()
-        q_last = q_last * rejected[:, None]
-    last = (residual(p_last, q_last) / noise).argmax(-1)
+        weights = residual(p_last, q_last * rejected[:, None])
+    last = (weights / noise).argmax(-1) if noise.dim() == 2 else inverse_cdf(weights, noise)
     return _emit(draft_tokens, n_acc, last), n_acc
 
 
