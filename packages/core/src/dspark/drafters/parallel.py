@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from dspark.drafters.backbone import LayerKV, ParallelBackbone, block_mask, pad_kv
 from dspark.drafters.base import DraftState, Proposal
