@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None):
                     help="with a trained drafter: prompt lookup for requests whose context ends in a repeated n-gram of >= N tokens (0: off)")
     ap.add_argument("--sps-refresh", action="store_true", help="re-profile SPS(B) instead of loading the cached profile")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads of the engine (0: one per core); on a small CPU, one fewer than the cores leaves one for the HTTP process")
+                    help="torch threads of the engine (0: one per core; on a 2-core box, 1 thread to spare a core for HTTP measured slower)")
     ap.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
 
