@@ -143,9 +143,7 @@ def exponential(shape: tuple[int, int], gens: Generators, device: torch.device |
 
 def uniform64(gens: Generators, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[batch] fp64 U[0, 1) draws, one per row (from row b's generator when given a list)."""
-    if gens is None or isinstance(gens, torch.Generator):
-        return torch.rand(batch, generator=gens, dtype=torch.float64, device=device)
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=device) for g in _rows(gens, batch)])
+    return uniform((batch, 1), gens, device, torch.float64)[:, 0]
 
 
 def sample(weights: torch.Tensor, gens: Generators = None) -> torch.Tensor:
