@@ -33,6 +33,9 @@ from dspark.verify import verify
 
 CacheMode = Literal["kv", "recompute"]
 _DRAFT_SEED_SALT = 0x5DEECE66D  # a request's draft generator: seeded from its seed, never equal to it
+# equal-length prompts share a prefill forward of at most this many tokens and rows (the
+# rows bound the [rows, vocab] last-token logits)
+PREFILL_TOKENS, PREFILL_ROWS = 4096, 64
 
 
 Feats = list[torch.Tensor] | None  # per row: [n, m*d] target features of the fed tokens
@@ -100,12 +103,24 @@ class _SlotRunner:
         self.batched = True  # one target forward for the whole ragged batch
 
     def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
-        logits, feats = [], []
-        for r in rows:  # one forward per prompt: prompts differ in length by hundreds of tokens
+        # prompts of the same length share a forward (no padding), up to PREFILL_TOKENS
+        # tokens each; prompts of other lengths (they differ by hundreds of tokens) get their own
+        by_len: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
             self.kv.add(r)
-            lg, taps = self.kv.forward([r], [list(seqs[r])], self.layers, logits="last")
-            logits.append(lg[0, -1])
-            feats.append(_concat_taps(taps, self.layers)[0] if self.layers else None)
+            by_len.setdefault(len(seqs[r]), []).append(i)
+        logits: list[torch.Tensor | None] = [None] * len(rows)
+        feats: list[torch.Tensor | None] = [None] * len(rows)
+        for n, idx in by_len.items():
+            per = max(1, min(PREFILL_ROWS, PREFILL_TOKENS // n))
+            for c in range(0, len(idx), per):
+                part = idx[c : c + per]
+                lg, taps = self.kv.forward([rows[i] for i in part], [list(seqs[rows[i]]) for i in part], self.layers, logits="last")
+                cat = _concat_taps(taps, self.layers) if self.layers else None
+                for j, i in enumerate(part):
+                    logits[i] = lg[j, -1]
+                    if cat is not None:
+                        feats[i] = cat[j]
         return torch.stack(logits), (feats if self.layers else None)
 
     def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
@@ -336,8 +351,16 @@ class SpeculativeEngine:
             reqs = [self._requests[i] for i in new]
             seqs = {r.rid: r.seq for r in reqs}
             last_logits, feats = runner.prefill(new, seqs)
+            firsts = [0] * len(reqs)
+            by_params: dict[SamplingParams, list[int]] = {}
             for i, r in enumerate(reqs):
-                first = int(sample_from_logits(last_logits[i : i + 1], r.cfg.sampling, [r.gen] if r.gen else None)[0])
+                by_params.setdefault(r.cfg.sampling, []).append(i)
+            for params, idx in by_params.items():  # one draw per row from its own generator
+                got = sample_from_logits(last_logits[idx], params, [reqs[i].gen for i in idx]).tolist()
+                for i, t in zip(idx, got):
+                    firsts[i] = t
+            for i, r in enumerate(reqs):
+                first = firsts[i]
                 if feats is not None:
                     r.pending = feats[i]  # the drafter has not seen the prompt yet
                 self._emit(r, [first], False)

@@ -52,6 +52,7 @@ class SlotKVCache:
         self.values: list[torch.Tensor | None] = [None] * target.num_layers
         self._slots0, self._cap0 = max(1, slots), max(8, capacity)
         self.slot_of: dict[int, int] = {}  # request id -> slot
+        self._rid_at: list[int] = []  # slot -> request id
         self.length: dict[int, int] = {}  # request id -> tokens stored
         self._step: dict[str, Any] | None = None  # the forward in progress
 
@@ -69,6 +70,7 @@ class SlotKVCache:
         if rid in self.slot_of:
             raise ValueError(f"request {rid} already holds slot {self.slot_of[rid]}")
         self.slot_of[rid] = len(self.slot_of)
+        self._rid_at.append(rid)
         self.length[rid] = 0
 
     @torch.inference_mode()  # the storage is made in inference mode: move it in the same mode
@@ -79,9 +81,10 @@ class SlotKVCache:
             return
         del self.length[rid]
         last = len(self.slot_of)  # the highest slot still in use, before the move
+        mover = self._rid_at.pop()
         if slot == last:
             return
-        mover = next(r for r, s in self.slot_of.items() if s == last)
+        self._rid_at[slot] = mover
         n = self.length[mover]
         if self.keys[0] is not None and n:
             for store in (self.keys, self.values):

@@ -146,6 +146,10 @@ class Target:
         params = inspect.signature(decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._softcap = getattr(self.config, "final_logit_softcapping", None)
+        # the engine asks for these per request and per step: keep the Parameter objects
+        # (Module.to() converts them in place, so their device and dtype stay current)
+        self._first_param = next(self.model.parameters())
+        self._lm_param = self.model.get_output_embeddings().weight
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -189,7 +193,7 @@ class Target:
     # ------------------------------------------------------------------ facts
     @property
     def vocab_size(self) -> int:
-        return int(self.get_lm_head_weight().shape[0])
+        return int(self._lm_param.shape[0])
 
     @property
     def hidden_size(self) -> int:
@@ -201,11 +205,11 @@ class Target:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self._first_param.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._first_param.device
 
     @property
     def eos_token_ids(self) -> list[int]:
