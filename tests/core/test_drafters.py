@@ -274,3 +274,30 @@ def test_drafts_follow_the_probabilities_they_report(target, kind):
         exp_c, obs_c = exp_c[:-1], obs_c[:-1]
     assert int(keep.sum()) >= 5
     assert chisquare(obs_c.numpy(), exp_c.numpy() * obs_c.sum().item() / exp_c.sum().item()).pvalue > 1e-3
+
+
+def test_warm_start_from_target_layers_reproduces_the_last_layers_keys_and_values():
+    """drafter.init=target: the draft layers are the target's last layers, and the one that
+    reads the deepest tapped layer gets exactly the keys/values it computes in the target."""
+    from transformers import DynamicCache
+
+    tgt = tiny_gemma3(layers=4)  # layers 0-2 sliding, layer 3 full attention
+    with torch.no_grad():  # non-trivial norms (Gemma initialises them to the identity)
+        for name, p in tgt.model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    d = build_drafter("dspark", tgt, gamma=G, feature_layers=[1, 2], num_layers=2)
+    assert d.backbone.init_from_target(tgt.layers, tgt.decoder.norm, [1, 2]) == [2, 3]
+    for lay, i in zip(d.backbone.layers, [2, 3]):
+        for (n, a), b in zip(lay.layer.state_dict().items(), tgt.layers[i].state_dict().values()):
+            assert torch.equal(a, b), n
+    assert torch.equal(d.backbone.norm.weight, tgt.decoder.norm.weight)
+    ids = torch.randint(4, V, (1, 12))
+    cache = DynamicCache(config=tgt.model.config)
+    with torch.no_grad():
+        tgt.model(ids, use_cache=True, **{tgt._cache_kw: cache})
+        kv = d.backbone.context_kv(features(tgt, ids, [1, 2]), torch.arange(12)[None])
+    torch.testing.assert_close(kv[1].k, cache.layers[3].keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv[1].v, cache.layers[3].values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        build_drafter("dspark", tgt, gamma=G, feature_layers=[1], num_layers=5).backbone.init_from_target(tgt.layers, tgt.decoder.norm, [1])

@@ -196,3 +196,19 @@ def test_launcher_settings_are_validated(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match=r"trainer.num_nodes=2 is invalid: expected 1 for a single command"):
         validate(cfg_for("trainer=gpu_multinode"))
+
+
+def test_drafter_init_is_validated():
+    """drafter.init: random or target, and target only where there is a backbone to warm-start."""
+    from train.config import ConfigError, validate
+
+    def cfg_for(experiment: str, *overrides: str):
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=[f"experiment={experiment}", *overrides])
+
+    validate(cfg_for("gemma_dspark", "drafter.init=target"))
+    validate(cfg_for("gemma_dflash", "drafter.init=target"))
+    with pytest.raises(ConfigError, match=r"drafter.init='layers' is invalid: expected random or target"):
+        validate(cfg_for("gemma_dspark", "drafter.init=layers"))
+    with pytest.raises(ConfigError, match=r"drafter.init='target' is invalid.*dspark and dflash drafters only"):
+        validate(cfg_for("gemma_eagle3", "+drafter.init=target"))

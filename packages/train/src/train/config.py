@@ -39,6 +39,9 @@ def validate(cfg: DictConfig) -> None:
         ("drafter.name", cfg.drafter.name in ("dspark", "dflash", "eagle3", "ngram"), "dspark, dflash, eagle3 or ngram"),
         ("drafter.gamma", int(cfg.drafter.gamma) >= 1, ">= 1"),
         ("drafter.draft_vocab_size", int(cfg.drafter.get("draft_vocab_size", 0)) >= 0, ">= 0"),
+        ("drafter.init", str(cfg.drafter.get("init", "random")) in ("random", "target")
+         and (cfg.drafter.get("init", "random") == "random" or cfg.drafter.name in ("dspark", "dflash")),
+         "random or target (target: dspark and dflash drafters only)"),
         ("data.responses", cfg.data.responses in ("onpolicy", "regenerate", "reference"), "onpolicy, regenerate or reference"),
         ("data.heldout_fraction", 0 <= float(cfg.data.heldout_fraction) < 1, "in [0, 1)"),
         ("data.max_length", int(cfg.data.max_length) >= 8, ">= 8"),

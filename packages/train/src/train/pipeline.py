@@ -228,6 +228,9 @@ def _new_module(cfg: DictConfig, target: Any, examples: list) -> Any:
     # eagle3 is one layer by definition; the others take their sizes from the config
     extra = {} if dc.name == "eagle3" else {k: dc[k] for k in ("num_layers", "head", "rank", "mask_token_id") if k in dc}
     drafter = build_drafter(dc.name, target, gamma=dc.gamma, feature_layers=list(dc.feature_layers), vocab=vocab, **extra)
+    if dc.get("init", "random") == "target":  # validated in train.config: dspark / dflash only
+        src = drafter.backbone.init_from_target(target.layers, target.decoder.norm, list(dc.feature_layers))
+        _log(f"drafter layers warm-started from target layers {src} (drafter.init=target)")
     return DistillModule(
         drafter, target, dc.name, lr=cfg.trainer.lr, warmup_frac=cfg.trainer.warmup_frac,
         total_steps=cfg.trainer.max_steps, anchors_per_seq=cfg.trainer.anchors_per_seq,

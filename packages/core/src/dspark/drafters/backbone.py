@@ -191,6 +191,34 @@ class ParallelBackbone(nn.Module):
         self.norm = norm_cls(d, eps=eps)  # the family's fresh norm is the identity
         init_linears(self)
 
+    @torch.no_grad()
+    def init_from_target(self, target_layers: nn.ModuleList, final_norm: nn.Module, feature_layers: list[int]) -> list[int]:
+        """Warm start from the target's own last decoder layers.
+
+        Draft layer i takes the weights of target layer L - n + i (n draft layers of an
+        L-layer target); the context projection starts as the identity on the deepest
+        tapped layer's features (zeros on the others) and ``ctx_norm`` as the first copied
+        layer's input norm that reads it (the layer after the deepest tapped one, if it is
+        copied, else the first copied layer). That copied layer's injected keys/values then
+        equal the ones it computes inside the target whenever it is a full-attention layer
+        (the drafter's rotary uses the full-attention theta); the others start close to
+        theirs. The final norm is the target's. Returns the copied target layer indices.
+        """
+        n, total = len(self.layers), len(target_layers)
+        if n > total:
+            raise ValueError(f"cannot warm-start {n} draft layers from a {total}-layer target")
+        src = list(range(total - n, total))
+        for lay, i in zip(self.layers, src):
+            lay.layer.load_state_dict(target_layers[i].state_dict())
+        d = self.hidden_size
+        deepest = max(range(len(feature_layers)), key=lambda j: feature_layers[j])
+        self.fc.weight.zero_()
+        self.fc.weight[:, deepest * d:(deepest + 1) * d] = torch.eye(d, dtype=self.fc.weight.dtype)
+        reader = feature_layers[deepest] + 1
+        self.ctx_norm.load_state_dict(target_layers[reader if reader in src else src[0]].input_layernorm.state_dict())
+        self.norm.load_state_dict(final_norm.state_dict())
+        return src
+
     def project_context(self, feats: torch.Tensor) -> torch.Tensor:
         """[..., T, m*d] concatenated target-layer features -> [..., T, d]."""
         return self.ctx_norm(self.fc(feats.to(self.fc.weight.dtype)))
