@@ -116,20 +116,23 @@ def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir):
     assert "rank 1: the fit is already done for this config; nothing to do" in again.stdout
 
 def test_bad_input_fails_clearly(tmp_path, tiny_dir):
-    proc = train(tmp_path, "experiment=tiny_dspark")
+    from train.config import ConfigError, validate
+
+    proc = train(tmp_path, "experiment=tiny_dspark")  # a config error: exit code 2 and the message
     assert proc.returncode == 2 and "target.path is required" in proc.stderr
-    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", "target.dtype=int8")
-    assert proc.returncode == 2 and "target.dtype='int8' is invalid" in proc.stderr
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):  # the same check, in process
+        cfg_for = lambda *o: compose(config_name="config", overrides=["experiment=tiny_dspark", f"target.path={tiny_dir}", *o])  # noqa: E731
+        for overrides, msg in [(("target.dtype=int8",), "target.dtype='int8' is invalid"),
+                               (("trainer.num_nodes=2",), "trainer.num_nodes=2 is invalid"),
+                               (("trainer.devices=2", "trainer.strategy=ddp"), "trainer.strategy='ddp' is invalid.*ddp_spawn")]:
+            with pytest.raises(ConfigError, match=msg):
+                validate(cfg_for(*overrides))
     proc = train(tmp_path, "experiment=tiny_dspark", "trainer.nonsense=1")
     assert proc.returncode != 0 and "nonsense" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"turns": ["ok?"], "reference": "yes"}\n{"turns": ["broken"\n')
     proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", f"data.train_file={bad}", f"output_dir={tmp_path}/o")
     assert proc.returncode != 0 and "bad.jsonl:2: malformed JSON" in proc.stderr
-    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", "trainer.num_nodes=2")
-    assert proc.returncode == 2 and "trainer.num_nodes=2 is invalid" in proc.stderr
-    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", "trainer.devices=2", "trainer.strategy=ddp")
-    assert proc.returncode == 2 and "trainer.strategy='ddp' is invalid" in proc.stderr and "ddp_spawn" in proc.stderr
     proc = train(tmp_path, "experiment=nope")
     assert proc.returncode != 0 and "nope" in proc.stderr
 
