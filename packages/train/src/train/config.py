@@ -34,13 +34,13 @@ def _need(cfg: DictConfig, key: str) -> object:
 def validate(cfg: DictConfig) -> None:
     for key in ("target.path", "target.dtype", "drafter.name", "data.train_file", "trainer.max_steps"):
         _need(cfg, key)
+    init = str(cfg.drafter.get("init", "random"))
     checks = [
         ("target.dtype", cfg.target.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("drafter.name", cfg.drafter.name in ("dspark", "dflash", "eagle3", "ngram"), "dspark, dflash, eagle3 or ngram"),
         ("drafter.gamma", int(cfg.drafter.gamma) >= 1, ">= 1"),
         ("drafter.draft_vocab_size", int(cfg.drafter.get("draft_vocab_size", 0)) >= 0, ">= 0"),
-        ("drafter.init", str(cfg.drafter.get("init", "random")) in ("random", "target")
-         and (cfg.drafter.get("init", "random") == "random" or cfg.drafter.name in ("dspark", "dflash")),
+        ("drafter.init", init == "random" or (init == "target" and cfg.drafter.name in ("dspark", "dflash")),
          "random or target (target: dspark and dflash drafters only)"),
         ("data.responses", cfg.data.responses in ("onpolicy", "regenerate", "reference"), "onpolicy, regenerate or reference"),
         ("data.heldout_fraction", 0 <= float(cfg.data.heldout_fraction) < 1, "in [0, 1)"),
