@@ -129,19 +129,26 @@ def test_bad_chat_requests(server, messages, msg):
 
 
 def test_client_disconnect_mid_stream_frees_its_slot(server):
-    cancelled = 'dspark_finished_requests_total{reason="cancelled"}'
-    before = server.metric(cancelled, AUTH)
-    with httpx.Client(timeout=30) as c:
-        with c.stream("POST", server.base + "/v1/completions", headers=AUTH,
-                      json={"model": "tiny", "prompt": "q", "max_tokens": 64, "stream": True, "temperature": 1.0}) as r:
-            assert r.status_code == 200
-            next(r.iter_lines())  # the first chunk arrived: the request is decoding
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if server.metric(cancelled, AUTH) > before and server.metric("dspark_active_requests", AUTH) == 0:
+    """A client that goes away mid-stream cancels its request. The tiny target can decode all
+    64 tokens before the server sees the disconnect; such an attempt (it finished normally)
+    proves nothing, so it is retried, up to three times."""
+    names = {k: f'dspark_finished_requests_total{{reason="{k}"}}' for k in ("cancelled", "length", "stop")}
+    for _attempt in range(3):
+        before = {k: server.metric(n, AUTH) for k, n in names.items()}
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", server.base + "/v1/completions", headers=AUTH,
+                          json={"model": "tiny", "prompt": "q", "max_tokens": 64, "stream": True, "temperature": 1.0}) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())  # the first chunk arrived: the request is decoding
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = {k: server.metric(n, AUTH) for k, n in names.items()}
+            if sum(now.values()) > sum(before.values()) and server.metric("dspark_active_requests", AUTH) == 0:
+                break
+            time.sleep(0.2)
+        if now["cancelled"] > before["cancelled"]:
             break
-        time.sleep(0.2)
-    assert server.metric(cancelled, AUTH) > before
+    assert now["cancelled"] > before["cancelled"], f"no attempt was cancelled: finished counters {now} (before the last: {before})"
     assert server.metric("dspark_http_inflight_requests", AUTH) == 0
 
 
