@@ -90,3 +90,26 @@ def test_truncated_soft_ce_equals_the_exact_soft_ce_over_the_draft_vocabulary():
     ce, l1 = truncated_soft_ce(d, top.indices, top.values)
     torch.testing.assert_close(ce, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l1, (torch.softmax(d, -1) - p).abs().sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_picked_log_probs_have_the_gradient_of_log_softmax_gather():
+    """The fused pick (no [N, K] log-softmax, one gradient buffer) gives log_softmax's values
+    and gradient, also with repeated columns in a row (the label among the top tokens) and
+    more rows than one chunk."""
+    from dspark.losses import _pick_log_probs
+
+    g = torch.Generator().manual_seed(4)
+    N, K, m = 70, 50, 6
+    z = (3 * torch.randn(N, K, generator=g)).requires_grad_(True)
+    idx = torch.randint(0, K, (N, m), generator=g)
+    idx[:, -1] = idx[:, 0]  # a repeated column: the gradient must add both uses
+    w = torch.randn(N, m, generator=g)
+    ref_z = z.detach().clone().requires_grad_(True)
+    ref = torch.log_softmax(ref_z, -1).gather(1, idx)
+    got = _pick_log_probs(z, idx)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    (got * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(z.grad, ref_z.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no graph: the plain expression
+        torch.testing.assert_close(_pick_log_probs(z, idx), ref.detach(), atol=1e-5, rtol=1e-5)

@@ -51,19 +51,61 @@ def with_outside_mass(draft_logits: torch.Tensor, target_full_logits: torch.Tens
     return torch.cat([draft_logits, neg], -1), torch.cat([inside, rest], -1)
 
 
-def _truncated(draft_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor):
+class _PickLogProbs(torch.autograd.Function):
+    """log_softmax(z)[n, idx[n, j]] for a few columns per row, without materialising the
+    [N, K] log-softmax or the [N, K] zero-filled gradients of one gather per use: forward
+    keeps the row log-normalisers, backward writes d/dz = scatter(g) - softmax(z) * sum(g)
+    into one buffer. Same values as ``log_softmax(z).gather(1, idx)`` up to rounding."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        lse = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+        for i in range(0, z.shape[0], _ROWS):  # row chunks keep the exp temporaries in cache
+            lse[i : i + _ROWS] = torch.logsumexp(z[i : i + _ROWS], -1)
+        ctx.save_for_backward(z, idx, lse)
+        return z.gather(1, idx) - lse[:, None]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, idx, lse = ctx.saved_tensors
+        grad = torch.empty_like(z)
+        s = g.sum(-1)
+        for i in range(0, z.shape[0], _ROWS):
+            r = slice(i, i + _ROWS)
+            torch.sub(z[r], lse[r, None], out=grad[r])
+            grad[r].exp_().mul_(-s[r, None])
+        grad.scatter_add_(1, idx, g.to(grad.dtype))
+        return grad, None
+
+
+_ROWS = 32
+
+
+def _pick_log_probs(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[N, K] logits, [N, m] column ids in [0, K) -> [N, m] log-softmax values at them."""
+    if z.requires_grad and torch.is_grad_enabled():
+        return _PickLogProbs.apply(z, idx)
+    return z.gather(1, idx) - torch.logsumexp(z, -1, keepdim=True)
+
+
+def _truncated(draft_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, labels: torch.Tensor | None = None):
     N, K = draft_logits.shape
     if top_ids.shape != top_logp.shape or top_ids.shape[0] != N:
         raise ValueError(f"top_ids {tuple(top_ids.shape)} and top_logp {tuple(top_logp.shape)} must both be [N={N}, k]")
-    logq = torch.log_softmax(draft_logits.float(), -1)  # draft log-probs [N, K]
+    k = top_ids.shape[1]
+    idx = top_ids.clamp_min(0)
+    if labels is not None:
+        idx = torch.cat([idx, labels.clamp_min(0)[:, None]], 1)
+    picked = _pick_log_probs(draft_logits.float(), idx)  # draft log-probs at the top tokens (and the label)
     inside = top_ids >= 0
-    logq_top = logq.gather(1, top_ids.clamp_min(0)).masked_fill(~inside, -math.inf)  # the draft has no mass outside its vocabulary
+    logq_top = picked[:, :k].masked_fill(~inside, -math.inf)  # the draft has no mass outside its vocabulary
     p_top = top_logp.float().detach().exp()
     q_top = logq_top.exp()
     q_rest = (1 - q_top.sum(-1)).clamp_min(0)
     p_rest = (1 - p_top.sum(-1)).clamp_min(0)
     l1 = (q_top - p_top).abs().sum(-1) + (q_rest - p_rest).abs()  # on {each top token} + {the rest}
-    return logq, logq_top, p_top, q_rest, p_rest, l1
+    logq_label = picked[:, k] if labels is not None else None
+    return logq_label, logq_top, p_top, q_rest, p_rest, l1
 
 
 def truncated_terms(
@@ -78,8 +120,8 @@ def truncated_terms(
     the label); L1 is over {each top token} + {the rest}, a lower bound of the exact L1.
     Returns fp32 [N] each, like :func:`dspark.kernels.distill_loss`.
     """
-    logq, _, _, _, _, l1 = _truncated(draft_logits, top_ids, top_logp)
-    ce = -logq.gather(1, labels.clamp_min(0)[:, None])[:, 0] * (labels >= 0)
+    logq_label, _, _, _, _, l1 = _truncated(draft_logits, top_ids, top_logp, labels)
+    ce = -logq_label * (labels >= 0)
     return ce, l1, (1 - 0.5 * l1).detach()
 
 

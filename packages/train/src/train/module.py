@@ -99,7 +99,9 @@ class DistillModule(L.LightningModule):
         B, n = anchors.shape
         sel = valid.reshape(-1)
         labels = ids.gather(1, (pos + 1).clamp_max(T - 1).reshape(B, -1)).reshape(B * n, g)[sel]
-        d_logits = out.logits.reshape(B * n, g, -1)[sel]
+        d_logits = out.logits.reshape(B * n, g, -1)
+        if not bool(sel.all()):  # indexing copies [rows, g, K] and scatters its gradient back: only when needed
+            d_logits = d_logits[sel]
         vocab = self.drafter.vocab
         K = d_logits.shape[-1]
         y = vocab.encode(labels)
