@@ -41,18 +41,38 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def train(tmp: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m train ...` in a fresh interpreter: the command line itself (Hydra's errors,
+    exit codes). Each launch pays the imports (~20 s on the 2-core box)."""
     args = [sys.executable, "-m", "train", f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/hydra", *overrides]
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
 
 
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def train_here(tmp: Path, capfd, *overrides: str) -> Ran:
+    """The same job in this process: the command line's config composition and error
+    handling (``train.__main__.execute``) without a new interpreter."""
+    from train.__main__ import execute
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", *overrides])
+    capfd.readouterr()
+    code = execute(cfg)
+    out, err = capfd.readouterr()
+    return Ran(code, out, err)
+
+
 @pytest.mark.parametrize("drafter", ["dspark", "dflash", "eagle3"])
-def test_tiny_end_to_end(tmp_path, tiny_dir, drafter):
+def test_tiny_end_to_end(tmp_path, tiny_dir, drafter, capfd):
     out = tmp_path / "out"
     mode = "online" if drafter == "eagle3" else "offline"  # both feature modes run end to end
     common = (f"experiment=tiny_{drafter}", f"target.path={tiny_dir}", f"output_dir={out}", f"trainer.features={mode}")
     if drafter == "dflash":  # the fit in two spawned CPU processes (gloo), everything else once
         common += ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn")
-    proc = train(tmp_path, *common)
+    proc = train_here(tmp_path, capfd, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if drafter == "dflash":
         assert "[train] fit: 2 processes" in proc.stdout and "per-process [2, 2]" in proc.stdout
@@ -68,14 +88,14 @@ def test_tiny_end_to_end(tmp_path, tiny_dir, drafter):
     run = mlflow.search_runs(experiment_names=["dspark"], output_format="list")[0]
     assert run.data.tags["drafter"] == drafter and "tau_gsm8k_T1" in run.data.metrics and "loss" in run.data.metrics
     if drafter == "dspark":  # a second run with the same config skips every stage
-        again = train(tmp_path, *common)
+        again = train_here(tmp_path, capfd, *common)
         assert again.returncode == 0, again.stderr[-2000:]
         for stage in ("fit", "calibrate", "evaluate"):
             assert f"{stage}: done for this config, skipped" in again.stdout
 
 
 
-def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir):
+def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir, capfd):
     """`torchrun --nproc_per_node 2 -m train ... trainer.strategy=ddp` (how a multi-node job
     starts): both ranks regenerate half of the responses, rank 0 merges them, builds the
     caches and logs; rank 1 waits for its marker and joins the fit only. The drafter equals the one-process run's (same global batch), there
@@ -95,7 +115,7 @@ def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir):
     assert "regeneration: 2 parts merged" in log
     assert "[train] fit: 2 processes (1 node(s) x 2 device(s), strategy ddp); global batch 4 -> per-process [2, 2]" in log
     assert log.count("[train] examples:") == 1 and log.count("[train] features:") == 1  # caches built once
-    one = train(tmp_path, *common, f"output_dir={tmp_path}/solo/b")  # its own response file and caches
+    one = train_here(tmp_path, capfd, *common, f"output_dir={tmp_path}/solo/b")  # its own response file and caches
     assert one.returncode == 0, one.stderr[-3000:]
     from train.regenerate import read_done
 
@@ -115,7 +135,7 @@ def test_torchrun_launch_trains_what_one_process_trains(tmp_path, tiny_dir):
     assert "fit: done for this config, skipped" in again.stdout
     assert "rank 1: the fit is already done for this config; nothing to do" in again.stdout
 
-def test_bad_input_fails_clearly(tmp_path, tiny_dir):
+def test_bad_input_fails_clearly(tmp_path, tiny_dir, capfd):
     from train.config import ConfigError, validate
 
     proc = train(tmp_path, "experiment=tiny_dspark")  # a config error: exit code 2 and the message
@@ -131,29 +151,27 @@ def test_bad_input_fails_clearly(tmp_path, tiny_dir):
     assert proc.returncode != 0 and "nonsense" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"turns": ["ok?"], "reference": "yes"}\n{"turns": ["broken"\n')
-    proc = train(tmp_path, "experiment=tiny_dspark", f"target.path={tiny_dir}", f"data.train_file={bad}", f"output_dir={tmp_path}/o")
-    assert proc.returncode != 0 and "bad.jsonl:2: malformed JSON" in proc.stderr
+    proc = train_here(tmp_path, capfd, "experiment=tiny_dspark", f"target.path={tiny_dir}", f"data.train_file={bad}", f"output_dir={tmp_path}/o")
+    assert proc.returncode == 2 and "[train] data error: " in proc.stderr and "bad.jsonl:2: malformed JSON" in proc.stderr
     proc = train(tmp_path, "experiment=nope")
     assert proc.returncode != 0 and "nope" in proc.stderr
 
 
-def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir):
+def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir, capfd):
+    from train.compare import main as compare
+
     for exp in ("tiny_dflash", "tiny_ngram"):
-        proc = train(tmp_path, f"experiment={exp}", f"target.path={tiny_dir}", f"output_dir={tmp_path}/{exp}")
+        proc = train_here(tmp_path, capfd, f"experiment={exp}", f"target.path={tiny_dir}", f"output_dir={tmp_path}/{exp}")
         assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "results.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.compare", "--runs", "tiny_dflash", "tiny_ngram", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    compare(["--runs", "tiny_dflash", "tiny_ngram", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
     text = out.read_text()
     assert "| tiny_dflash |" in text and "| tiny_ngram |" in text and "**T=1**" in text and "**T=0**" in text
     missing = subprocess.run([sys.executable, "-m", "train.compare", "--runs", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no finished MLflow run named 'nope'" in missing.stderr
 
 
-def test_onpolicy_file_end_to_end_and_refused_for_another_target(tmp_path, tiny_dir):
+def test_onpolicy_file_end_to_end_and_refused_for_another_target(tmp_path, tiny_dir, capfd):
     """`python -m train.regenerate` makes a response file with provenance; the pipeline
     trains on it (data.responses=onpolicy) and logs the held-out tau_est on both kinds of
     text; the shipped Gemma file is refused for the tiny target with a message saying why."""
@@ -168,12 +186,12 @@ def test_onpolicy_file_end_to_end_and_refused_for_another_target(tmp_path, tiny_
     assert meta["rows"] == 24 and meta["temperature"] == 1.0 and meta["command"].startswith("python -m train.regenerate")
     out = tmp_path / "out"
     common = ("experiment=tiny_dspark", f"target.path={tiny_dir}", f"output_dir={out}")
-    proc = train(tmp_path, *common, "data.responses=onpolicy", f"data.onpolicy_file={resp}")
+    proc = train_here(tmp_path, capfd, *common, "data.responses=onpolicy", f"data.onpolicy_file={resp}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on-policy responses: " in proc.stdout and "held-out teacher-forced tau_est" in proc.stdout
     ho = json.loads((out / "heldout_tau.done.json").read_text())["tau_est"]
     assert ho["onpolicy"] is not None and ho["reference"] is not None and ho["onpolicy"] >= 1.0
-    refused = train(tmp_path, *common, "data.responses=onpolicy", f"output_dir={tmp_path}/o2")  # the shipped Gemma file
+    refused = train_here(tmp_path, capfd, *common, "data.responses=onpolicy", f"output_dir={tmp_path}/o2")  # the shipped Gemma file
     assert refused.returncode == 2 and "[train] data error: " in refused.stderr and "not from this target" in refused.stderr
 
 

@@ -15,8 +15,10 @@ from train.config import ConfigError
 from train.paths import conf_dir
 
 
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
+def execute(cfg: DictConfig) -> int:
+    """Run the pipeline on a composed config: 0 on success; bad config or input prints what to
+    fix on stderr (no traceback) and returns 2. ``main`` is this behind Hydra's command line;
+    the tests call it in process."""
     from train.data import DataError
     from train.pipeline import run
     from train.regenerate import ResponsesError
@@ -25,10 +27,18 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except ConfigError as e:
         print(f"[train] config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except (DataError, ResponsesError) as e:  # bad input, not a bug: the message says what to fix
         print(f"[train] data error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
+def main(cfg: DictConfig) -> None:
+    code = execute(cfg)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
