@@ -10,7 +10,7 @@ import pytest
 from dspark.benchmarks import BENCHMARKS, load_first_turns
 from dspark.drafters import NgramDrafter
 from dspark.engine import SpeculativeEngine
-from dspark.generate import GenerationConfig, ar_generate, speculative_generate_reference
+from dspark.generate import GenerationConfig, speculative_generate_reference
 from dspark.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def prompts() -> list[str]:
     return out
 
 
-def test_fp32_greedy_identity_on_real_prompts(gemma_fp32):
+def test_fp32_greedy_identity_on_real_prompts(gemma_fp32, ar_greedy):
     t = gemma_fp32
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0))
     ids = [t.encode_prompt(p) for p in prompts()]
@@ -33,7 +33,7 @@ def test_fp32_greedy_identity_on_real_prompts(gemma_fp32):
     engine = SpeculativeEngine(t, NgramDrafter(num_tokens=7), num_draft=7)
     mismatches, accepted, wants = [], 0, []
     for n, p in enumerate(ids):
-        want = ar_generate(t, p, cfg).tokens
+        want = ar_greedy(p, NEW_TOKENS)
         wants.append(want)
         got = engine.generate([p], cfg)[0]
         accepted += sum(got.stats.accepted)
@@ -51,9 +51,9 @@ def test_fp32_greedy_identity_on_real_prompts(gemma_fp32):
     assert not bad, f"batched verification: prompts {bad} differ from AR greedy"
 
 
-def test_reference_loop_identity_on_a_long_prompt(gemma_fp32):
+def test_reference_loop_identity_on_a_long_prompt(gemma_fp32, ar_greedy):
     t = gemma_fp32
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0))
     p = t.encode_prompt(load_first_turns("livecodebench", 1, start=2)[0])
     assert len(p) + NEW_TOKENS > 512
-    assert speculative_generate_reference(t, NgramDrafter(), p, cfg).tokens == ar_generate(t, p, cfg).tokens
+    assert speculative_generate_reference(t, NgramDrafter(), p, cfg).tokens == ar_greedy(p, NEW_TOKENS)

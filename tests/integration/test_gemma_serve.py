@@ -10,20 +10,17 @@ import openai
 import pytest
 
 from dspark.benchmarks import load_first_turns
-from dspark.generate import GenerationConfig, ar_generate
-from dspark.sampling import SamplingParams
 from tests.serve.server_util import ServerProcess
 
 pytestmark = pytest.mark.slow
 
 
-def test_server_greedy_identity_on_gemma(gemma_fp32, tmp_path):
+def test_server_greedy_identity_on_gemma(gemma_fp32, ar_greedy, tmp_path):
     t = gemma_fp32
     texts = [load_first_turns("gsm8k", 1)[0], load_first_turns("mt-bench", 1)[0], load_first_turns("livecodebench", 1, start=2)[0]]
     ids = [t.encode_prompt(x) for x in texts]
     assert len(ids[2]) + 32 > 512
-    cfg = GenerationConfig(max_new_tokens=32, sampling=SamplingParams(temperature=0))
-    want = [t.decode(ar_generate(t, p, cfg).tokens) for p in ids]
+    want = [t.decode(ar_greedy(p, 32)) for p in ids]
     s = ServerProcess(["--dtype", "float32", "--drafter", "ngram", "--policy", "static", "--model-name", "gemma"], tmp_path / "log")
     try:
         client = openai.OpenAI(base_url=s.base + "/v1", api_key="none")
