@@ -22,7 +22,6 @@ def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: in
     if prob.numel() == 0:
         return float("nan")
     idx = (prob * bins).long().clamp(0, bins - 1)
-    n = torch.bincount(idx, minlength=bins).double()
     sp = torch.bincount(idx, weights=prob, minlength=bins)
     sl = torch.bincount(idx, weights=label, minlength=bins)
     return float((sp - sl).abs().sum() / prob.numel())
