@@ -92,10 +92,11 @@ def test_truncated_soft_ce_equals_the_exact_soft_ce_over_the_draft_vocabulary():
     torch.testing.assert_close(l1, (torch.softmax(d, -1) - p).abs().sum(-1), atol=1e-5, rtol=1e-5)
 
 
-def test_picked_log_probs_have_the_gradient_of_log_softmax_gather():
+def test_picked_log_probs_have_the_gradient_of_log_softmax_gather(monkeypatch):
     """The fused pick (no [N, K] log-softmax, one gradient buffer) gives log_softmax's values
     and gradient, also with repeated columns in a row (the label among the top tokens) and
     more rows than one chunk."""
+    from dspark import losses as losses_mod
     from dspark.losses import _pick_log_probs
 
     g = torch.Generator().manual_seed(4)
@@ -113,3 +114,8 @@ def test_picked_log_probs_have_the_gradient_of_log_softmax_gather():
     torch.testing.assert_close(z.grad, ref_z.grad, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # no graph: the plain expression
         torch.testing.assert_close(_pick_log_probs(z, idx), ref.detach(), atol=1e-5, rtol=1e-5)
+    # all rows in one pass (the accelerator setting) gives the same
+    monkeypatch.setattr(losses_mod, "_chunk", lambda t: t.shape[0])
+    z2 = z.detach().clone().requires_grad_(True)
+    (_pick_log_probs(z2, idx) * w).sum().backward()
+    torch.testing.assert_close(z2.grad, ref_z.grad, atol=1e-5, rtol=1e-5)
