@@ -7,6 +7,10 @@ Uses the main job's own data path (experiment=gemma_dspark: on-policy responses,
 offline feature cache, which it builds if missing, and the top-k cache next to it). Each
 step is forward + backward + AdamW on a fresh drafter; the first step of each mode is a
 warm-up and not counted. Prints seconds per step for each mode and their ratio.
+
+A step's cost does not depend on how much data is cached: without the main job's caches at
+hand, `--override data.max_prompts=48 --override output_dir=/tmp/o48/run` builds small ones
+in about 1.5 minutes instead of ~25 on the 2-core box.
 """
 
 from __future__ import annotations
