@@ -47,22 +47,22 @@ def train(tmp: Path, *overrides: str, timeout: int = 300) -> subprocess.Complete
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
 
 
-class Ran:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+def composed(*overrides: str):
+    """The config `python -m train <overrides>` would run."""
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
-def train_here(tmp: Path, capfd, *overrides: str) -> Ran:
+def train_here(tmp: Path, capfd, *overrides: str) -> subprocess.CompletedProcess:
     """The same job in this process: the command line's config composition and error
     handling (``train.__main__.execute``) without a new interpreter."""
     from train.__main__ import execute
 
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", *overrides])
+    cfg = composed(f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", *overrides)
     capfd.readouterr()
     code = execute(cfg)
     out, err = capfd.readouterr()
-    return Ran(code, out, err)
+    return subprocess.CompletedProcess(list(overrides), code, out, err)
 
 
 @pytest.mark.parametrize("drafter", ["dspark", "dflash", "eagle3"])
@@ -140,13 +140,11 @@ def test_bad_input_fails_clearly(tmp_path, tiny_dir, capfd):
 
     proc = train(tmp_path, "experiment=tiny_dspark")  # a config error: exit code 2 and the message
     assert proc.returncode == 2 and "target.path is required" in proc.stderr
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):  # the same check, in process
-        cfg_for = lambda *o: compose(config_name="config", overrides=["experiment=tiny_dspark", f"target.path={tiny_dir}", *o])  # noqa: E731
-        for overrides, msg in [(("target.dtype=int8",), "target.dtype='int8' is invalid"),
-                               (("trainer.num_nodes=2",), "trainer.num_nodes=2 is invalid"),
-                               (("trainer.devices=2", "trainer.strategy=ddp"), "trainer.strategy='ddp' is invalid.*ddp_spawn")]:
-            with pytest.raises(ConfigError, match=msg):
-                validate(cfg_for(*overrides))
+    for overrides, msg in [(("target.dtype=int8",), "target.dtype='int8' is invalid"),  # the same check, in process
+                           (("trainer.num_nodes=2",), "trainer.num_nodes=2 is invalid"),
+                           (("trainer.devices=2", "trainer.strategy=ddp"), "trainer.strategy='ddp' is invalid.*ddp_spawn")]:
+        with pytest.raises(ConfigError, match=msg):
+            validate(composed("experiment=tiny_dspark", f"target.path={tiny_dir}", *overrides))
     proc = train(tmp_path, "experiment=tiny_dspark", "trainer.nonsense=1")
     assert proc.returncode != 0 and "nonsense" in proc.stderr
     bad = tmp_path / "bad.jsonl"
@@ -201,35 +199,27 @@ def test_launcher_settings_are_validated(monkeypatch):
     with a message naming the key."""
     from train.config import ConfigError, validate
 
-    def cfg_for(*overrides: str):
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            return compose(config_name="config", overrides=["experiment=gemma_dspark", *overrides])
-
     for k, v in {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2", "RANK": "3"}.items():
         monkeypatch.setenv(k, v)
-    cfg = cfg_for("trainer=gpu_multinode")
+    cfg = composed("experiment=gemma_dspark", "trainer=gpu_multinode")
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (4, 2, "ddp")
     validate(cfg)
     with pytest.raises(ConfigError, match=r"trainer.devices=2 is invalid: expected devices x num_nodes = 8"):
-        validate(cfg_for("trainer=gpu_multinode", "trainer.devices=2"))
+        validate(composed("experiment=gemma_dspark", "trainer=gpu_multinode", "trainer.devices=2"))
     with pytest.raises(ConfigError, match=r"trainer.strategy='ddp_spawn' is invalid.*started 8 times by a launcher"):
-        validate(cfg_for("trainer=gpu_ddp", "trainer.devices=4", "trainer.num_nodes=2"))
+        validate(composed("experiment=gemma_dspark", "trainer=gpu_ddp", "trainer.devices=4", "trainer.num_nodes=2"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match=r"trainer.num_nodes=2 is invalid: expected 1 for a single command"):
-        validate(cfg_for("trainer=gpu_multinode"))
+        validate(composed("experiment=gemma_dspark", "trainer=gpu_multinode"))
 
 
 def test_drafter_init_is_validated():
     """drafter.init: random or target, and target only where there is a backbone to warm-start."""
     from train.config import ConfigError, validate
 
-    def cfg_for(experiment: str, *overrides: str):
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            return compose(config_name="config", overrides=[f"experiment={experiment}", *overrides])
-
-    validate(cfg_for("gemma_dspark", "drafter.init=target"))
-    validate(cfg_for("gemma_dflash", "drafter.init=target"))
+    validate(composed("experiment=gemma_dspark", "drafter.init=target"))
+    validate(composed("experiment=gemma_dflash", "drafter.init=target"))
     with pytest.raises(ConfigError, match=r"drafter.init='layers' is invalid: expected random or target"):
-        validate(cfg_for("gemma_dspark", "drafter.init=layers"))
+        validate(composed("experiment=gemma_dspark", "drafter.init=layers"))
     with pytest.raises(ConfigError, match=r"drafter.init='target' is invalid.*dspark and dflash drafters only"):
-        validate(cfg_for("gemma_eagle3", "+drafter.init=target"))
+        validate(composed("experiment=gemma_eagle3", "+drafter.init=target"))
