@@ -65,6 +65,15 @@ def hf_generate(t: Target, ids: list[int], n: int, temperature: float, seed: int
     return out[0, len(ids) :].tolist()
 
 
+def full_head_ar(t: Target, p: list[int], cfg: GenerationConfig):
+    """Our AR loop with every token picked from the full fp32 LM head (no fp16 screen)."""
+    before, t.screen_head = t.screen_head, False
+    try:
+        return ar_generate(t, p, cfg)
+    finally:
+        t.screen_head = before
+
+
 def sps_profile(t: Target) -> SPSProfile:
     """The same cached verify-forward profile ``python -m serve`` uses for this target/machine."""
     from serve.service import profile_target_sps
@@ -87,6 +96,8 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
     if not args.no_hf:
         methods["HF generate"] = lambda p: (hf_generate(t, p, args.max_new_tokens, temperature, args.seed), None)
     methods["ours: AR loop"] = lambda p: ((r := ar_generate(t, p, cfg)).tokens, r.stats)
+    if t._screened_head() is not None:  # where the LM head's fp16 screen applies: the loop without it
+        methods["ours: AR loop, full LM head"] = lambda p: ((r := full_head_ar(t, p, cfg)).tokens, r.stats)
     if not args.no_hf:
         methods[f"HF prompt lookup ({args.hf_lookup_tokens})"] = lambda p: (
             hf_generate(t, p, args.max_new_tokens, temperature, args.seed, lookup=args.hf_lookup_tokens), None

@@ -29,13 +29,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts (round-robin over the files)")
+    ap.add_argument("--lm-head", default="auto", choices=["auto", "screen", "full"], help="as python -m serve --lm-head")
     args = ap.parse_args()
     if min(args.concurrency) < 1:
         ap.error("--concurrency values must be >= 1")
     per = [load_first_turns(n, -(-args.prompts // len(BENCHMARKS))) for n in BENCHMARKS]
     prompts = [f"Question: {per[i % len(per)][i // len(per)]}\nAnswer:" for i in range(args.prompts)]
     policy = args.policy if args.drafter != "none" else "auto"
-    svc = build_service(ServeSettings(target=args.target, dtype=args.dtype, drafter=args.drafter, policy=policy))
+    svc = build_service(ServeSettings(target=args.target, dtype=args.dtype, drafter=args.drafter, policy=policy, lm_head=args.lm_head))
 
     def run(c: int, n: int) -> float:
         t0, toks, sent, live = time.perf_counter(), 0, 0, 0

@@ -107,6 +107,34 @@ def test_without_drafter_matches_ar_distribution(target):
     assert chi2_pvalue(counts, exact_distribution(target, params)) > 1e-3
 
 
+@pytest.fixture
+def screened(target):
+    """The target with its LM head's fp16 screen forced on, made to work hard: one token
+    with an exact logit, every other bound widened by one logit (still valid bounds), so
+    most draws go through the acceptance step."""
+    from dspark.screened_head import ScreenedHead
+
+    target.screen_head, target._screen = True, ScreenedHead(target.get_lm_head_weight(), target._softcap, top=1, slack=1.0)
+    yield target
+    target.screen_head, target._screen = None, None
+
+
+def test_screened_lm_head_matches_ar_distribution(screened):
+    """No drafter: every token (the prefill's and each round's) is drawn through the screen."""
+    params = PARAMS["T1"]
+    counts = sample_counts(screened, None, params)
+    assert chi2_pvalue(counts, exact_distribution(screened, params)) > 1e-3
+
+
+def test_detects_a_screen_without_acceptance_test(screened, monkeypatch):
+    """Accepting every proposal of the screen draws from exp(upper bound), not exp(logit)."""
+    head = screened._screen
+    monkeypatch.setattr(head, "exact_pairs", lambda h, ids: head.bounds(h)[1].gather(1, ids[:, None])[:, 0])
+    params = PARAMS["T1"]
+    counts = sample_counts(screened, None, params)
+    assert chi2_pvalue(counts, exact_distribution(screened, params)) < 1e-6
+
+
 # ---- the test has power: broken verifiers must fail it ------------------------------
 
 

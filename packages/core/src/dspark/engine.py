@@ -27,9 +27,10 @@ from dspark.drafters.base import Drafter, DraftState, Proposal
 from dspark.generate import GenerationConfig, GenerationResult, check_prompt
 from dspark.metrics import SpecStats
 from dspark.scheduler import PrefixScheduler
-from dspark.sampling import SamplingParams, sample_from_logits
+from dspark import kernels
+from dspark.sampling import SamplingParams
 from dspark.target import Target
-from dspark.verify import verify
+from dspark.verify import VerifyOutput, verify
 
 CacheMode = Literal["kv", "recompute"]
 _DRAFT_SEED_SALT = 0x5DEECE66D  # a request's draft generator: seeded from its seed, never equal to it
@@ -57,29 +58,34 @@ class _KVRunner:
         self.caches: dict[int, object] = {}
         self.batched = False  # one target forward per request
 
-    def _fwd(self, r: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.target.forward(torch.tensor([ids], device=self.target.device), self.caches[r], logits="all", taps=self.layers)
-        return out.logits[0], (_concat_taps(out.taps, self.layers)[0] if self.layers else None)
+    def _fwd(self, r: int, ids: list[int], hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.target.forward(torch.tensor([ids], device=self.target.device), self.caches[r],
+                                  logits="none" if hidden else "all", taps=self.layers, final_hidden=hidden)
+        res = out.final_hidden if hidden else out.logits
+        return res[0], (_concat_taps(out.taps, self.layers)[0] if self.layers else None)
 
-    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
+    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], hidden: bool = False) -> tuple[torch.Tensor, Feats]:
         logits, feats = [], []
         for r in rows:
             self.caches[r] = self.target.new_cache()
-            lg, f = self._fwd(r, list(seqs[r]))
+            lg, f = self._fwd(r, list(seqs[r]), hidden)
             logits.append(lg[-1])
             feats.append(f)
             self.target.rollback(self.caches[r], 0)
         return torch.stack(logits), (feats if self.layers else None)
 
-    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
-        out = torch.empty((len(rows), k + 1, self.target.vocab_size), device=self.target.device)
+    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int,
+              hidden: bool = False) -> tuple[torch.Tensor, Feats]:
+        width = self.target.hidden_size if hidden else self.target.vocab_size
+        dtype = self.target.dtype if hidden else torch.float32
+        out = torch.empty((len(rows), k + 1, width), device=self.target.device, dtype=dtype)
         feats = []
         for i, (r, d) in enumerate(zip(rows, drafts)):
-            lg, f = self._fwd(r, [seqs[r][-1], *d])
+            lg, f = self._fwd(r, [seqs[r][-1], *d], hidden)
             out[i, : len(d) + 1] = lg
             out[i, len(d) + 1 :] = lg[-1:]  # padding, never read by the verifier
             feats.append(f)
-        return out, (feats if self.layers else None)  # [B, k+1, V]
+        return out, (feats if self.layers else None)  # [B, k+1, V] (or [B, k+1, d] hidden)
 
     def commit(self, row: int, fed_drafts: int, accepted: int) -> None:
         self.target.rollback(self.caches[row], fed_drafts - accepted)
@@ -102,7 +108,7 @@ class _SlotRunner:
         self.kv = SlotKVCache(target)
         self.batched = True  # one target forward for the whole ragged batch
 
-    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
+    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], hidden: bool = False) -> tuple[torch.Tensor, Feats]:
         # prompts of the same length share a forward (no padding), up to PREFILL_TOKENS
         # tokens each; prompts of other lengths (they differ by hundreds of tokens) get their own
         by_len: dict[int, list[int]] = {}
@@ -115,7 +121,8 @@ class _SlotRunner:
             per = max(1, min(PREFILL_ROWS, PREFILL_TOKENS // n))
             for c in range(0, len(idx), per):
                 part = idx[c : c + per]
-                lg, taps = self.kv.forward([rows[i] for i in part], [list(seqs[rows[i]]) for i in part], self.layers, logits="last")
+                lg, taps = self.kv.forward([rows[i] for i in part], [list(seqs[rows[i]]) for i in part], self.layers,
+                                           logits="last_hidden" if hidden else "last")
                 cat = _concat_taps(taps, self.layers) if self.layers else None
                 for j, i in enumerate(part):
                     logits[i] = lg[j, -1]
@@ -123,13 +130,14 @@ class _SlotRunner:
                         feats[i] = cat[j]
         return torch.stack(logits), (feats if self.layers else None)
 
-    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
+    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int,
+              hidden: bool = False) -> tuple[torch.Tensor, Feats]:
         fed = [[seqs[r][-1], *d] for r, d in zip(rows, drafts)]
-        lg, taps = self.kv.forward(list(rows), fed, self.layers)
+        lg, taps = self.kv.forward(list(rows), fed, self.layers, logits="hidden" if hidden else "all")
         n = lg.shape[1]  # longest fed row: at most k + 1
-        out = lg  # [B, k+1, V] fp32 when some row verifies all k drafts
+        out = lg  # [B, k+1, V] fp32 (or [B, k+1, d] hidden) when some row verifies all k drafts
         if n < k + 1:
-            out = torch.empty((len(rows), k + 1, lg.shape[-1]), device=lg.device)
+            out = torch.empty((len(rows), k + 1, lg.shape[-1]), device=lg.device, dtype=lg.dtype)
             out[:, :n] = lg
             out[:, n:] = lg[:, n - 1 : n]  # padding, never read by the verifier
         cat = _concat_taps(taps, self.layers) if self.layers else None
@@ -149,24 +157,26 @@ class _RecomputeRunner:
         self.target = target
         self.layers = list(feature_layers) if feature_layers else []
 
-    def _run(self, rows_tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(self, rows_tokens: list[list[int]], hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         width = max(len(t) for t in rows_tokens)
         ids = torch.zeros((len(rows_tokens), width), dtype=torch.long)
         for i, t in enumerate(rows_tokens):
             ids[i, : len(t)] = torch.tensor(t)
-        out = self.target.forward(ids.to(self.target.device), None, logits="all", taps=self.layers)
-        return out.logits, (_concat_taps(out.taps, self.layers) if self.layers else None)
+        out = self.target.forward(ids.to(self.target.device), None, logits="none" if hidden else "all",
+                                  taps=self.layers, final_hidden=hidden)
+        return (out.final_hidden if hidden else out.logits), (_concat_taps(out.taps, self.layers) if self.layers else None)
 
-    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, Feats]:
+    def prefill(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], hidden: bool = False) -> tuple[torch.Tensor, Feats]:
         toks = [list(seqs[r]) for r in rows]
-        logits, f = self._run(toks)
+        logits, f = self._run(toks, hidden)
         last = torch.tensor([len(t) - 1 for t in toks], device=logits.device)
         feats = [f[i, : len(t)] for i, t in enumerate(toks)] if f is not None else None
         return logits[torch.arange(len(toks)), last], feats
 
-    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int) -> tuple[torch.Tensor, Feats]:
+    def score(self, rows: Sequence[int], seqs: Mapping[int, Sequence[int]], drafts: list[list[int]], k: int,
+              hidden: bool = False) -> tuple[torch.Tensor, Feats]:
         toks = [list(seqs[r]) + d for r, d in zip(rows, drafts)]
-        logits, f = self._run(toks)
+        logits, f = self._run(toks, hidden)
         # slot j of row i is the position of the anchor + j (clamped into the real tokens)
         start = torch.tensor([len(seqs[r]) - 1 for r in rows], device=logits.device)
         pos = start[:, None] + torch.arange(k + 1, device=logits.device)[None, :]
@@ -350,13 +360,13 @@ class SpeculativeEngine:
             new, self._new = self._new, []
             reqs = [self._requests[i] for i in new]
             seqs = {r.rid: r.seq for r in reqs}
-            last_logits, feats = runner.prefill(new, seqs)
+            last_hidden, feats = runner.prefill(new, seqs, hidden=True)
             firsts = [0] * len(reqs)
             by_params: dict[SamplingParams, list[int]] = {}
             for i, r in enumerate(reqs):
                 by_params.setdefault(r.cfg.sampling, []).append(i)
             for params, idx in by_params.items():  # one draw per row from its own generator
-                got = sample_from_logits(last_logits[idx], params, [reqs[i].gen for i in idx]).tolist()
+                got = self.target.next_tokens(last_hidden[idx], params, [reqs[i].gen for i in idx]).tolist()
                 for i, t in zip(idx, got):
                     firsts[i] = t
             for i, r in enumerate(reqs):
@@ -404,8 +414,16 @@ class SpeculativeEngine:
             lens = self._schedule(prop, lens, ids, t_d, params)
         k = prop.tokens.shape[1]
         drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(reqs))]
-        logits, feats = runner.score(ids, seqs, drafts, k)
-        res = verify(logits, prop.tokens, lens, prop.probs, params, gens)  # stops: per request, below
+        # the target's choices straight from its hidden states (through the LM head's fp16
+        # screen, dspark.screened_head) when no draft needs the full distribution: greedy
+        # rounds, and sampled rounds that verify no draft
+        rows = int((lens + 1).sum()) if params.greedy else (0 if bool((lens > 0).any()) else len(reqs))
+        if rows and self.target.screens(rows, params):
+            hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
+            res = self._decide(hidden, prop.tokens, lens, params, gens)
+        else:
+            logits, feats = runner.score(ids, seqs, drafts, k)
+            res = verify(logits, prop.tokens, lens, prop.probs, params, gens)  # stops: per request, below
         out: dict[int, list[int]] = {}
         share = (time.perf_counter() - t0) / len(reqs)
         for i, r in enumerate(reqs):
@@ -424,6 +442,21 @@ class SpeculativeEngine:
             out[r.rid] = new
             self._emit(r, new, cut is not None)
         return out
+
+    def _decide(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, params: SamplingParams, gens) -> VerifyOutput:
+        """:func:`verify` for the rounds that need only the target's own choices: the argmax
+        at every verified slot (greedy), or one draw at the anchor (no drafts)."""
+        B, k1 = hidden.shape[0], hidden.shape[1]
+        if params.greedy:
+            slots = torch.arange(k1)[None, :] <= lens[:, None]  # [B, k+1] the slots verify reads
+            choice = torch.zeros((B, k1), dtype=torch.long)
+            choice[slots] = self.target.next_tokens(hidden[slots], params).cpu()
+            out, n_acc = kernels.rejection_greedy(choice, tokens.cpu(), lens)
+        else:
+            out = torch.full((B, k1), -1, dtype=torch.long)
+            out[:, 0] = self.target.next_tokens(hidden[:, 0], params, gens).cpu()
+            n_acc = torch.zeros(B, dtype=torch.long)
+        return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[GenerationResult]:
         """Generate for every prompt (token ids); results are in prompt order. Request i

@@ -68,11 +68,12 @@ def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig
     stats = SpecStats()
     t0 = time.perf_counter()
     cache = target.new_cache()
-    logits = target.forward(_ids(prompt_ids, target.device), cache, logits="last").logits[:, -1]
+    # the final hidden state, not logits: target.next_tokens may pick through the LM head's fp16 screen
+    hidden = target.forward(_ids(prompt_ids, target.device), cache, logits="none", final_hidden=True).final_hidden[:, -1]
     out: list[int] = []
     reason: Literal["stop", "length"] = "length"
     while True:
-        tok = int(sample_from_logits(logits, params, gen)[0])
+        tok = int(target.next_tokens(hidden, params, gen)[0])
         out.append(tok)
         stats.record(0, 0)
         if tok in stops:
@@ -80,7 +81,7 @@ def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig
             break
         if len(out) >= cfg.max_new_tokens:
             break
-        logits = target.forward(_ids([tok], target.device), cache, logits="all").logits[:, -1]
+        hidden = target.forward(_ids([tok], target.device), cache, logits="none", final_hidden=True).final_hidden[:, -1]
         target.rollback(cache, 0)
     stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
     return GenerationResult(out, reason, stats)

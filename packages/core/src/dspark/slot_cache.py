@@ -137,7 +137,11 @@ class SlotKVCache:
         target forward. Each request's length grows by its own token count (roll back
         rejected ones with :meth:`rollback`). Returns logits ``[R, N, V]`` (rows past
         ``len(tokens[i])`` are padding; ``logits="last"``: each row's last real token,
-        ``[R, 1, V]``) and the tapped layer outputs ``{layer: [R, N, d]}``."""
+        ``[R, 1, V]``; ``"hidden"`` / ``"last_hidden"``: the final normed hidden states
+        instead, ``[R, N, d]`` / ``[R, 1, d]``) and the tapped layer outputs
+        ``{layer: [R, N, d]}``."""
+        if logits not in ("all", "last", "hidden", "last_hidden"):
+            raise ValueError(f"logits must be all, last, hidden or last_hidden, got {logits!r}")
         R = len(rids)
         lens = [len(t) for t in tokens]
         if R == 0 or len(tokens) != R or min(lens) == 0:
@@ -164,18 +168,18 @@ class SlotKVCache:
         try:
             mode = "all" if logits == "all" else "none"
             cfg._attn_implementation = "dspark_slots"
-            out = target.forward(ids.to(dev), self, logits=mode, taps=taps, final_hidden=logits == "last",
+            out = target.forward(ids.to(dev), self, logits=mode, taps=taps, final_hidden=logits != "all",
                                  model_kwargs={"attention_mask": spans, "position_ids": q_pos.to(dev)})
         finally:
             cfg._attn_implementation = impl
             self._step = None
         for r, n in zip(rids, lens):
             self.length[r] += n
-        if logits == "last":
+        if logits in ("last", "last_hidden"):
             last = torch.tensor(lens, dtype=torch.long) - 1
             h = out.final_hidden[torch.arange(R), last][:, None]
-            return target.lm_head(h), out.taps
-        return out.logits, out.taps
+            return (target.lm_head(h) if logits == "last" else h), out.taps
+        return (out.logits if logits == "all" else out.final_hidden), out.taps
 
 
 _BASE = ("eager", "sdpa")

@@ -23,6 +23,7 @@ from torch import nn
 from dspark import embedded
 from dspark.errors import ModelLoadError
 from dspark.prompts import Message, PromptFormat
+from dspark.sampling import Generators, SamplingParams, sample_from_logits
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,11 @@ class Target:
         # (Module.to() converts them in place, so their device and dtype stay current)
         self._first_param = next(self.model.parameters())
         self._lm_param = self.model.get_output_embeddings().weight
+        # next tokens from an fp16 screen of the LM head (dspark.screened_head): None picks
+        # it where it measures faster, True / False force it on / off
+        self.screen_head: bool | None = None
+        self._screen: Any = None
+        self._screen_faster: dict[int, bool] = {}  # rows -> the screen beat the full head
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -249,6 +255,79 @@ class Target:
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
+
+    # ------------------------------------------------------------------ next tokens
+    def _screened_head(self) -> Any:
+        """The fp16 screen of the LM head, built on first use; None where it does not apply
+        (not fp32 on a CPU, a head with a bias, or the screen forced off)."""
+        if self.screen_head is False:
+            return None
+        head = self.model.get_output_embeddings()
+        w = self._lm_param
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not isinstance(head, nn.Linear) or head.bias is not None:
+            return None
+        if self._screen is None or self._screen.weight is not w:
+            from dspark.screened_head import ScreenedHead
+
+            try:
+                head = ScreenedHead(w, self._softcap)
+            except ValueError as e:
+                log.info("LM head screen off: %s", e)
+                self.screen_head = False
+                return None
+            problem = head.self_check()
+            if problem:
+                log.warning("LM head screen off: %s", problem)
+                self.screen_head = False
+                return None
+            self._screen = head
+        return self._screen
+
+    def screens(self, rows: int, params: SamplingParams) -> bool:
+        """Whether :meth:`next_tokens` picks ``rows`` tokens through the fp16 screen.
+
+        Automatic choice: only for 1-4 rows of a head of at least 2^24 weights (where the
+        product is bound by memory bandwidth), decided by timing the screen against the
+        full head once per row count. top-k / top-p always use the full head."""
+        if params.top_k or params.top_p < 1.0 or self.screen_head is False:
+            return False
+        if self.screen_head is None and (rows > 4 or self._lm_param.numel() < 2**24):
+            return False
+        head = self._screened_head()
+        if head is None:
+            return False
+        if self.screen_head:
+            return True
+        if rows not in self._screen_faster:
+            h = torch.randn(rows, self.hidden_size) * 50
+            spent = {}
+            for name, fn in (("full", self.lm_head), ("screen", head.bounds)):
+                best = float("inf")
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    fn(h)
+                    best = min(best, time.perf_counter() - t0)
+                spent[name] = best
+            self._screen_faster[rows] = spent["screen"] < spent["full"]
+            log.info("LM head for %d row(s): screen %.1f ms, full %.1f ms -> %s", rows, 1e3 * spent["screen"],
+                     1e3 * spent["full"], "screen" if self._screen_faster[rows] else "full")
+        return self._screen_faster[rows]
+
+    @torch.inference_mode()
+    def next_tokens(self, hidden: torch.Tensor, params: SamplingParams, gens: Generators = None) -> torch.Tensor:
+        """[N, d] final normed hidden states -> [N] next ids: the argmax of the logits when
+        greedy, else a draw from the processed distribution, one row per generator. Same
+        distribution as ``sample_from_logits(lm_head(hidden), ...)``; through the fp16
+        screen where :meth:`screens` says so (exact as well, dspark.screened_head)."""
+        if hidden.dim() != 2:
+            raise ValueError(f"next_tokens expects [N, d] hidden states, got {tuple(hidden.shape)}")
+        if not self.screens(hidden.shape[0], params):
+            return sample_from_logits(self.lm_head(hidden), params, gens)
+        head = self._screened_head()
+        h = hidden.float()
+        if params.greedy:
+            return head.argmax(h)
+        return head.sample(h, params.temperature, gens)
 
     # ------------------------------------------------------------------ cache
     def new_cache(self) -> Any:

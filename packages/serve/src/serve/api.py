@@ -58,6 +58,7 @@ class ServeSettings:
     sps_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     metrics_file: str = ""
     threads: int = 0  # torch intra-op threads of the engine process (0: torch's default, one per core)
+    lm_head: str = "auto"  # auto: the LM head's exact fp16 screen where it measures faster (CPU, fp32) | screen | full
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32"):
@@ -73,6 +74,8 @@ class ServeSettings:
             raise ValueError("--ngram-fallback puts prompt lookup in front of a trained drafter; --drafter is " + self.drafter)
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        if self.lm_head not in ("auto", "screen", "full"):
+            raise ValueError(f"--lm-head must be auto, screen or full, got {self.lm_head!r}")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not self.model_name:
@@ -90,6 +93,7 @@ def build_service(s: ServeSettings, device: str = "cpu"):
     from serve.service import ServeEngine, profile_target_sps
 
     target = Target.load(s.target, dtype=s.dtype, device=device)
+    target.screen_head = {"auto": None, "screen": True, "full": False}[s.lm_head]
     if s.drafter == "none" or s.policy == "none":
         drafter = None
     elif s.drafter == "ngram":
