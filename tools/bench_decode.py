@@ -78,7 +78,7 @@ def sps_profile(t: Target) -> SPSProfile:
     """The same cached verify-forward profile ``python -m serve`` uses for this target/machine."""
     from serve.service import profile_target_sps
 
-    key = {"model": t.name, "dtype": str(t.dtype), "machine": machine_key(), "tokens": list(SPS_TOKENS), "kind": "verify-forward"}
+    key = {"model": t.name, "dtype": str(t.dtype), "machine": machine_key(), "tokens": list(SPS_TOKENS), "kind": "verify-forward", "plain_step": "next_tokens", "lm_head": str(t.screen_head)}
     return cached_sps(key, lambda: profile_target_sps(t, SPS_TOKENS))
 
 

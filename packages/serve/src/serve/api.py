@@ -115,7 +115,8 @@ def build_service(s: ServeSettings, device: str = "cpu"):
     if drafter is not None:
         sps = None
         if policy in ("sync", "async"):
-            key = {"model": target.name, "dtype": str(target.dtype), "machine": machine_key(), "tokens": list(s.sps_tokens), "kind": "verify-forward"}
+            key = {"model": target.name, "dtype": str(target.dtype), "machine": machine_key(), "tokens": list(s.sps_tokens),
+                   "kind": "verify-forward", "plain_step": "next_tokens", "lm_head": str(target.screen_head)}
             t0 = time.perf_counter()
             sps = cached_sps(key, lambda: profile_target_sps(target, s.sps_tokens), refresh=s.sps_refresh)
             log.info("SPS profile ready in %.1f s: %s", time.perf_counter() - t0, sps.to_dict())

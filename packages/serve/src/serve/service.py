@@ -349,9 +349,13 @@ class ServeEngine:
 
 def profile_target_sps(target: Any, batch_tokens: Sequence[int], context: int = 256, repeats: int = 5) -> Any:
     """SPS(B): steps per second of one target verify forward of B tokens after a
-    ``context``-token prefix (KV cache, rolled back after each step)."""
+    ``context``-token prefix (KV cache, rolled back after each step). B = 1 is a plain
+    decoding step as the engine runs it: the forward, then the next token through
+    ``target.next_tokens`` (the LM head's fp16 screen where the target uses it), so the
+    draft gate compares drafting with what plain decoding really costs."""
     import torch
 
+    from dspark.sampling import SamplingParams
     from dspark.scheduler import profile_sps
 
     gen = torch.Generator().manual_seed(0)
@@ -359,9 +363,14 @@ def profile_target_sps(target: Any, batch_tokens: Sequence[int], context: int = 
     target.forward(torch.randint(0, target.vocab_size, (1, context), generator=gen), cache, logits="none")
     target.rollback(cache, 0)
     blocks = {b: torch.randint(0, target.vocab_size, (1, b), generator=gen) for b in batch_tokens}
+    plain = SamplingParams(temperature=1.0)
 
     def step(b: int) -> None:
-        target.forward(blocks[b], cache, logits="all")
+        if b == 1:
+            h = target.forward(blocks[b], cache, logits="none", final_hidden=True).final_hidden[:, -1]
+            target.next_tokens(h, plain, gen)
+        else:
+            target.forward(blocks[b], cache, logits="all")
         target.rollback(cache, b)
 
     with torch.inference_mode():
