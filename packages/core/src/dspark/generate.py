@@ -67,7 +67,7 @@ def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig
     gen, stops, params = cfg.generator(target.device), set(cfg.stops(target)), cfg.sampling
     stats = SpecStats()
     t0 = time.perf_counter()
-    cache = target.new_cache()
+    cache = target.new_cache(rollback=False)  # plain decoding never rolls back
     # the final hidden state, not logits: target.next_tokens may pick through the LM head's fp16 screen
     hidden = target.forward(_ids(prompt_ids, target.device), cache, logits="none", final_hidden=True).final_hidden[:, -1]
     out: list[int] = []
@@ -82,7 +82,6 @@ def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig
         if len(out) >= cfg.max_new_tokens:
             break
         hidden = target.forward(_ids([tok], target.device), cache, logits="none", final_hidden=True).final_hidden[:, -1]
-        target.rollback(cache, 0)
     stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
     return GenerationResult(out, reason, stats)
 

@@ -330,17 +330,19 @@ class Target:
         return head.sample(h, params.temperature, gens)
 
     # ------------------------------------------------------------------ cache
-    def new_cache(self) -> Any:
+    def new_cache(self, rollback: bool = True) -> Any:
         """A KV cache that can be rolled back, also after a sliding window has filled.
 
         Sliding-window layers normally drop old entries as soon as they pass the window,
         after which HF refuses to crop. Past recording keeps them until the next
-        :meth:`rollback`, which then restores the window.
+        :meth:`rollback`, which then restores the window. ``rollback=False``: a plain cache
+        for decoding that never rolls back (no recording; do not call :meth:`rollback`).
         """
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        cache.activate_past_recording()
+        if rollback:
+            cache.activate_past_recording()
         return cache
 
     @staticmethod
