@@ -67,11 +67,8 @@ def hf_generate(t: Target, ids: list[int], n: int, temperature: float, seed: int
 
 def full_head_ar(t: Target, p: list[int], cfg: GenerationConfig):
     """Our AR loop with every token picked from the full fp32 LM head (no fp16 screen)."""
-    before, t.screen_head = t.screen_head, False
-    try:
+    with t.screen_mode(False):
         return ar_generate(t, p, cfg)
-    finally:
-        t.screen_head = before
 
 
 def sps_profile(t: Target) -> SPSProfile:

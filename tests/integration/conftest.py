@@ -29,11 +29,8 @@ def ar_greedy(gemma_fp32):
             raise ValueError(f"ar_greedy keeps {AR_NEW_TOKENS} tokens per prompt; {n} were asked")
         key = tuple(int(i) for i in prompt_ids)
         if key not in cache:  # the reference: every step through the full fp32 LM head
-            before, gemma_fp32.screen_head = gemma_fp32.screen_head, False
-            try:
+            with gemma_fp32.screen_mode(False):
                 cache[key] = ar_generate(gemma_fp32, list(key), cfg).tokens
-            finally:
-                gemma_fp32.screen_head = before
         return cache[key][:n]
 
     return get

@@ -19,12 +19,9 @@ def test_bounds_hold_on_real_hidden_states(gemma_fp32):
     t = gemma_fp32
     ids = t.encode_prompt(load_first_turns("mt-bench", 1)[0])[:160]
     h = t.forward(torch.tensor([ids]), None, logits="none", final_hidden=True).final_hidden[0]
-    t.screen_head = True
-    try:
+    with t.screen_mode(True):
         head = t._screened_head()
         lo, hi = head.bounds(h)
-    finally:
-        t.screen_head = None
     z = t.lm_head(h)
     assert bool((lo <= z).all() and (z <= hi).all())
     width = float((hi - lo).mean())
@@ -38,10 +35,7 @@ def test_greedy_ar_through_the_screen_is_the_fp32_output(gemma_fp32, ar_greedy):
     ids = [t.encode_prompt(p) for p in prompts()]
     pick = [0, 9, 11]  # 9 and 11 run past the sliding window
     assert sum(len(ids[i]) + NEW_TOKENS > 512 for i in pick) >= 2
-    t.screen_head = True
-    try:
+    with t.screen_mode(True):
         got = {i: ar_generate(t, ids[i], cfg).tokens for i in pick}
-    finally:
-        t.screen_head = None
     bad = [i for i in pick if got[i] != ar_greedy(ids[i], NEW_TOKENS)]
     assert not bad, f"prompts {bad}: greedy through the screen differs from the fp32 head"

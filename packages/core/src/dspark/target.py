@@ -8,11 +8,12 @@ frozen embedding and LM head, and prompt encoding.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,18 +271,27 @@ class Target:
             from dspark.screened_head import ScreenedHead
 
             try:
-                head = ScreenedHead(w, self._softcap)
+                screen = ScreenedHead(w, self._softcap)
             except ValueError as e:
                 log.info("LM head screen off: %s", e)
                 self.screen_head = False
                 return None
-            problem = head.self_check()
+            problem = screen.self_check()
             if problem:
                 log.warning("LM head screen off: %s", problem)
                 self.screen_head = False
                 return None
-            self._screen = head
+            self._screen = screen
         return self._screen
+
+    @contextlib.contextmanager
+    def screen_mode(self, mode: bool | None) -> Iterator[None]:
+        """Set :attr:`screen_head` for a block (False: every token from the full head)."""
+        before, self.screen_head = self.screen_head, mode
+        try:
+            yield
+        finally:
+            self.screen_head = before
 
     def screens(self, rows: int, params: SamplingParams) -> bool:
         """Whether :meth:`next_tokens` picks ``rows`` tokens through the fp16 screen.
