@@ -1,12 +1,15 @@
-"""Verify-forward cost vs tokens verified, with the library LM-head product and with the
-blockwise one (`dspark.target.skinny_linear`) that `Target.lm_head` uses for 4..48 rows on
-CPU in fp32. Same process, same cache, interleaved, median of `--reps`.
+"""Verify-forward cost vs tokens verified, per CPU product: the decoder layers on the
+library GEMM or on oneDNN with prepacked weights (`dspark.packed_linear`), and the LM head
+through each of `Target.lm_head`'s kernels (library, blockwise `skinny_linear`, packed).
+Same process, same cache, interleaved, median of `--reps`.
 
     python tools/bench_lm_head.py                      # embedded Gemma, fp32, context 256
     python tools/bench_lm_head.py --rows 1 4 8 16 --context 512
 
-Prints a markdown table: per row count, the whole verify forward (body + head) and the
-head alone, library vs blockwise, and the 1-token forward as the unit a decode step costs.
+Prints a markdown table: per row count, the whole verify forward with library layers and
+library head (the state before dspark.packed_linear), with packed layers and the head
+kernel the target picks by timing, and the head alone per kernel; then the 1-token
+forward as the unit a decode step costs.
 """
 
 from __future__ import annotations
@@ -50,11 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         t.forward(torch.randint(10, 1000, (1, args.context), generator=g), cache, logits="none")
         t.rollback(cache, 0)
-    window = target_mod._SKINNY_ROWS
-    off = (10**9, 10**9)
+    packing = t.packing
 
-    def timed(n: int, mode: str, skinny: bool) -> float:
-        target_mod._SKINNY_ROWS = window if skinny else off
+    def timed(n: int, mode: str, layers: bool, head: str | None) -> float:
         ids = torch.randint(10, 1000, (1, n), generator=g)
         h = torch.randn(1, n, t.hidden_size, dtype=t.dtype)
 
@@ -63,28 +64,34 @@ def main(argv: list[str] | None = None) -> None:
                 t.forward(ids, cache, logits="all")
                 t.rollback(cache, n)
 
-        def head():
+        def head_only():
             with torch.inference_mode():
                 t.lm_head(h)
 
+        t.use_packed_linears(layers and packing)
         try:
-            return _median_ms(forward if mode == "forward" else head, args.reps)
+            with t.head_kernel_forced(head):
+                return _median_ms(forward if mode == "forward" else head_only, args.reps)
         finally:
-            target_mod._SKINNY_ROWS = window
+            t.use_packed_linears(packing)
 
-    base = timed(1, "forward", False)
+    kernels = [k for k in target_mod.HEAD_KERNELS if k != "packed" or packing]
+    base = timed(1, "forward", True, None)
     print(f"`python tools/bench_lm_head.py --context {args.context} --rows {' '.join(map(str, args.rows))}`  ")
     print(f"{date.today()}, {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"target {args.model} {args.dtype}, context {args.context}, blockwise window {window}\n")
-    print("| tokens verified | forward, library head ms | forward, blockwise head ms | speed-up | "
-          "head alone, library ms | head alone, blockwise ms | forward as shipped / 1-token forward |")
-    print("|---|---|---|---|---|---|---|")
+          f"target {args.model} {args.dtype}, context {args.context}, oneDNN packing {'on' if packing else 'unavailable'}\n")
+    print("| tokens verified | forward, library layers + library head ms | forward as shipped ms (head kernel) | "
+          "speed-up | " + " | ".join(f"head alone, {k} ms" for k in kernels) + " | forward as shipped / 1-token forward |")
+    print("|---|---|---|---|" + "---|" * len(kernels) + "---|")
     for n in args.rows:
-        f_lib, f_blk = timed(n, "forward", False), timed(n, "forward", True)
-        h_lib, h_blk = timed(n, "head", False), timed(n, "head", True)
-        used = window[0] <= n <= window[1]
-        print(f"| {n} | {f_lib:.1f} | {f_blk:.1f}{'' if used else ' (not used)'} | {f_lib / f_blk:.2f}x | "
-              f"{h_lib:.1f} | {h_blk:.1f} | {f_blk / base:.2f} |", flush=True)
+        f_lib = timed(n, "forward", False, "library")
+        f_new = timed(n, "forward", True, None)
+        with torch.inference_mode():
+            chosen = t._head_kernel(torch.zeros(n, t.hidden_size, dtype=t.dtype), t.model.get_output_embeddings())
+        heads = [timed(n, "head", True, k) if k != "blockwise" or n <= target_mod._SKINNY_ROWS[1] else float("nan")
+                 for k in kernels]
+        print(f"| {n} | {f_lib:.1f} | {f_new:.1f} ({chosen}) | {f_lib / f_new:.2f}x | "
+              + " | ".join(f"{x:.1f}" for x in heads) + f" | {f_new / base:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

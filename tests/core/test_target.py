@@ -63,7 +63,7 @@ def test_logits_modes():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 17, 48, 49])
-def test_skinny_lm_head_matches_the_library_product(rows, monkeypatch):
+def test_skinny_lm_head_matches_the_library_product(rows):
     """The blockwise LM head used for a verify forward's few rows equals F.linear (fp32, up to
     summation order), whichever side of the row window, including a ragged last block."""
     from dspark import target as target_mod
@@ -78,9 +78,13 @@ def test_skinny_lm_head_matches_the_library_product(rows, monkeypatch):
     # through Target.lm_head, with the softcap, against the library's own head
     t = tiny_gemma3(vocab=1000)
     hid = torch.randn(2, (rows + 1) // 2, t.hidden_size)
-    fast = t.lm_head(hid)
-    monkeypatch.setattr(target_mod, "_SKINNY_ROWS", (10**9, 10**9))  # force the library product
-    torch.testing.assert_close(fast, t.lm_head(hid), rtol=1e-5, atol=1e-5)
+    fast = t.lm_head(hid)  # the timed choice
+    with t.head_kernel_forced("library"):
+        lib = t.lm_head(hid)
+    torch.testing.assert_close(fast, lib, rtol=1e-5, atol=1e-5)
+    if rows <= 48:
+        with t.head_kernel_forced("blockwise"):
+            torch.testing.assert_close(t.lm_head(hid), lib, rtol=1e-5, atol=1e-5)
 
 
 def test_load_local_directory_round_trip(tmp_path):

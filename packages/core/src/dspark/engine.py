@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
 
+from dspark import packed_linear
 from dspark.drafters.base import Drafter, DraftState, Proposal
 from dspark.generate import GenerationConfig, GenerationResult, check_prompt
 from dspark.metrics import SpecStats
@@ -239,6 +241,12 @@ class SpeculativeEngine:
         if cache_mode not in ("kv", "recompute"):
             raise ValueError(f"cache_mode must be kv or recompute, got {cache_mode!r}")
         self.target, self.drafter, self.num_draft, self.cache_mode = target, drafter, num_draft, cache_mode
+        # a trained drafter's block forward multiplies a few rows too: same oneDNN path as
+        # the target's layers where the target uses it (dspark.packed_linear)
+        if getattr(target, "packing", False):
+            for m in (drafter, getattr(drafter, "drafter", None)):
+                if isinstance(m, nn.Module):
+                    packed_linear.install(m)
         self.scheduler = scheduler
         self.batch_verify = batch_verify  # None: one forward per step where the target supports it
         self._requests: dict[int, _Request] = {}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dspark import embedded
+from dspark import embedded, packed_linear
 from dspark.errors import ModelLoadError
 from dspark.prompts import Message, PromptFormat
 from dspark.sampling import Generators, SamplingParams, sample_from_logits
@@ -61,13 +61,17 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 # A verify forward's few rows against the 262k-row LM head: on CPU, fp32 GEMM with 4..48
 # rows runs at a fraction of its speed for one row (measured: 8 rows 108 ms, 1 row 33 ms
 # on a 2-core Xeon); streaming the weight in blocks, W_blk @ h^T, takes 67 ms for 8 rows.
-# Above 48 rows the library's own kernel is faster (docs/benchmarks.md). Below 4 rows it
-# depends on the CPU: on that Xeon the library was faster; on a 2-core AMD EPYC (AVX2)
-# the library took 73 / 142 ms for 1 / 2 rows against 67 / 49 ms blockwise. So for 1-3
-# rows the first call of each row count times both ways once and keeps the faster.
+# oneDNN on a prepacked copy (dspark.packed_linear) beat both at every row count from 1 to
+# 32 on a 2-core AMD EPYC (8 rows: library 359, blockwise 110, oneDNN 81 ms), so it is
+# used for 1..64 rows wherever it is available. Without it: blockwise for 4..48 rows, and
+# for 1-3 rows the first call of each row count times library and blockwise once and keeps
+# the faster (on that EPYC the library took 73 / 142 ms for 1 / 2 rows against 67 / 49 ms
+# blockwise; on the Xeon the library was faster). Above that the library's own kernel.
+_HEAD_ROWS = 64
 _SKINNY_ROWS = (4, 48)
 _SKINNY_BLOCK = 32768
-_few_rows_choice: dict[tuple[int, int], bool] = {}  # (rows, vocab) -> blockwise is faster
+HEAD_KERNELS = ("library", "blockwise", "packed")
+_few_rows_choice: dict[tuple[int, int], str] = {}  # (rows, vocab) -> the faster of library / blockwise
 
 
 def skinny_linear(hidden: torch.Tensor, weight: torch.Tensor, block: int = _SKINNY_BLOCK) -> torch.Tensor:
@@ -157,6 +161,13 @@ class Target:
         self.screen_head: bool | None = None
         self._screen: Any = None
         self._screen_faster: dict[int, bool] = {}  # rows -> the screen beat the full head
+        # the LM head's product: None picks (see _head_kernel), or one of HEAD_KERNELS forced
+        self.head_kernel: str | None = None
+        # few-row fp32 CPU products through oneDNN on prepacked weights (decoder layers, and
+        # the LM head as a timed candidate), where this torch build has it and it passes its probe
+        self.packing = False
+        self.packed_linears = 0
+        self.use_packed_linears(True)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -240,22 +251,70 @@ class Target:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] final normed hidden -> [..., V] fp32 logits (with the model's softcap)."""
         head = self.model.get_output_embeddings()
-        rows = hidden.numel() // max(hidden.shape[-1], 1)
-        blockwise = rows <= _SKINNY_ROWS[1] and hidden.device.type == "cpu" and hidden.dtype == torch.float32 \
-            and getattr(head, "bias", None) is None and isinstance(head, nn.Linear)
-        if blockwise and rows < _SKINNY_ROWS[0]:
-            key = (rows, head.weight.shape[0])
-            if key not in _few_rows_choice:  # time both once: the faster depends on the CPU
-                t0 = time.perf_counter()
-                head(hidden)
-                t1 = time.perf_counter()
-                skinny_linear(hidden, head.weight)
-                _few_rows_choice[key] = time.perf_counter() - t1 < t1 - t0
-            blockwise = _few_rows_choice[key]
-        logits = skinny_linear(hidden, head.weight) if blockwise else head(hidden).float()
+        kernel = self._head_kernel(hidden, head)
+        if kernel == "blockwise":
+            logits = skinny_linear(hidden, head.weight)
+        elif kernel == "packed":
+            logits = packed_linear.packed(head.weight).linear(hidden)
+        else:
+            logits = head(hidden).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
+
+    def _head_kernel(self, hidden: torch.Tensor, head: nn.Module) -> str:
+        """Which product :meth:`lm_head` uses for these rows (one of ``HEAD_KERNELS``)."""
+        rows = hidden.numel() // max(hidden.shape[-1], 1)
+        w = getattr(head, "weight", None)
+        if not (isinstance(head, nn.Linear) and head.bias is None and w.device.type == "cpu"
+                and w.dtype == torch.float32 and hidden.dtype == torch.float32 and 1 <= rows <= _HEAD_ROWS):
+            cands = ["library"]
+        else:
+            cands = ["library"] + (["blockwise"] if rows <= _SKINNY_ROWS[1] else []) + (["packed"] if self.packing else [])
+        if self.head_kernel is not None:
+            if self.head_kernel not in cands:
+                raise ValueError(f"head_kernel {self.head_kernel!r} is not available for {rows} rows here "
+                                 f"(candidates: {', '.join(cands)})")
+            return self.head_kernel
+        if "packed" in cands:
+            return "packed"
+        if "blockwise" not in cands:
+            return "library"
+        if rows >= _SKINNY_ROWS[0]:
+            return "blockwise"
+        key = (rows, w.shape[0])
+        if key not in _few_rows_choice:  # time both once: the faster depends on the CPU
+            spent = {}
+            for c in ("library", "blockwise"):
+                with self.head_kernel_forced(c):
+                    t0 = time.perf_counter()
+                    self.lm_head(hidden)
+                    spent[c] = time.perf_counter() - t0
+            _few_rows_choice[key] = min(spent, key=spent.get)
+        return _few_rows_choice[key]
+
+    @contextlib.contextmanager
+    def head_kernel_forced(self, kernel: str | None) -> Iterator[None]:
+        """Set :attr:`head_kernel` for a block (None: the timed choice)."""
+        if kernel is not None and kernel not in HEAD_KERNELS:
+            raise ValueError(f"head kernel must be one of {HEAD_KERNELS} or None, got {kernel!r}")
+        before, self.head_kernel = self.head_kernel, kernel
+        try:
+            yield
+        finally:
+            self.head_kernel = before
+
+    def use_packed_linears(self, on: bool) -> int:
+        """Route the decoder layers' few-row fp32 CPU products (and the LM head's, when it
+        measures faster) through oneDNN on prepacked weights (:mod:`dspark.packed_linear`),
+        or back to the library GEMM. Returns how many layers now use it."""
+        self.packing = bool(on) and packed_linear.usable()
+        if self.packing:
+            self.packed_linears = packed_linear.install(self.layers)
+        else:
+            packed_linear.uninstall(self.layers)
+            self.packed_linears = 0
+        return self.packed_linears
 
     # ------------------------------------------------------------------ next tokens
     def _screened_head(self) -> Any:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from dspark import packed_linear
 from dspark.drafters.vocab import DraftVocab
 from dspark.heads.calibration import STSCalibrator
 
@@ -96,6 +97,7 @@ class LinkedDrafter(nn.Module):
         self._embed: nn.Module | None = None
         self._lm_w: torch.Tensor | None = None
         self._softcap: float | None = None
+        self._packing = False
         self._cache: dict[int, Any] = {}
 
     @classmethod
@@ -134,6 +136,7 @@ class LinkedDrafter(nn.Module):
         object.__setattr__(self, "_embed", target.model.get_input_embeddings())
         object.__setattr__(self, "_lm_w", w if self.vocab.is_full else w[self.vocab.ids.to(w.device)].detach())
         self._softcap = getattr(target.config, "final_logit_softcapping", None)
+        self._packing = bool(getattr(target, "packing", False))  # few-row products through oneDNN
         self.to(device=w.device)
 
     def _need_target(self) -> None:
@@ -155,10 +158,15 @@ class LinkedDrafter(nn.Module):
         self._need_target()
         w = self._lm_w
         x = hidden.to(w.dtype)
-        if not torch.is_grad_enabled() and w.dtype == torch.float32 and x.numel() // x.shape[-1] <= 64:
-            # a few rows at inference: W @ x^T streams W once in its own layout (~1.3-2x faster
-            # on CPU than x @ W^T in fp32; bf16 prefers the plain product)
-            logits = (w @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], w.shape[0]).float()
+        rows = x.numel() // x.shape[-1]
+        if not torch.is_grad_enabled() and w.dtype == torch.float32 and rows <= 64:
+            if rows >= 2 and w.device.type == "cpu" and self._packing:
+                # oneDNN on a prepacked copy of the rows (dspark.packed_linear), as the target's layers
+                logits = packed_linear.packed(w).linear(x)
+            else:
+                # a few rows at inference: W @ x^T streams W once in its own layout (~1.3-2x
+                # faster on CPU than x @ W^T in fp32; bf16 prefers the plain product)
+                logits = (w @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], w.shape[0]).float()
         else:
             logits = (x @ w.T).float()
         if self._softcap:
