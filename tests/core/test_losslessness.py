@@ -52,8 +52,10 @@ def exact_distribution(target, params: SamplingParams, prompt: list[int] = PROMP
     return joint
 
 
-def sample_counts(target, drafter, params: SamplingParams, seed: int = 0) -> torch.Tensor:
+def sample_counts(target, drafter, params: SamplingParams, seed: int = 0, screen_verify: int | None = None) -> torch.Tensor:
     engine = SpeculativeEngine(target, drafter, num_draft=2, cache_mode="recompute")
+    if screen_verify is not None:
+        engine.screen_verify = screen_verify
     cfg = GenerationConfig(max_new_tokens=N_TOK, sampling=params, stop_token_ids=[], seed=seed)
     results = engine.generate([PROMPT] * N_SAMPLES, cfg)
     counts = torch.zeros(V, V, V, dtype=torch.float64)
@@ -132,6 +134,29 @@ def test_detects_a_screen_without_acceptance_test(screened, monkeypatch):
     monkeypatch.setattr(head, "exact_pairs", lambda h, ids: head.bounds(h)[1].gather(1, ids[:, None])[:, 0])
     params = PARAMS["T1"]
     counts = sample_counts(screened, None, params)
+    assert chi2_pvalue(counts, exact_distribution(screened, params)) < 1e-6
+
+
+@pytest.mark.parametrize("kind,screen_verify", [("peaked_wrong", 2), ("deterministic", 1)])
+def test_screened_verification_of_drafts_matches_ar_distribution(screened, kind, screen_verify, monkeypatch):
+    """Sampled drafts verified slot by slot through the screen (the loose bounds of the
+    fixture leave many tests undecided: those go to the full logits), with the slots past
+    ``screen_verify`` verified from full logits."""
+    params = PARAMS["T1"]
+    head = screened._screen
+    calls = []
+    real = head.verify_step
+    monkeypatch.setattr(head, "verify_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = sample_counts(screened, make_drafter(kind, screened, params), params, screen_verify=screen_verify)
+    assert calls  # the screened verification ran
+    assert chi2_pvalue(counts, exact_distribution(screened, params)) > 1e-3
+
+
+def test_detects_screened_verification_accepting_undecided_drafts(screened, monkeypatch):
+    """Power: a screened verifier that accepts whenever its bounds cannot decide fails."""
+    params = PARAMS["T1"]
+    monkeypatch.setattr(screened._screen, "_verify_full", lambda *a, **k: (True, -1))
+    counts = sample_counts(screened, make_drafter("peaked_wrong", screened, params), params)
     assert chi2_pvalue(counts, exact_distribution(screened, params)) < 1e-6
 
 

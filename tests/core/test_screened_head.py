@@ -128,6 +128,67 @@ def test_the_sampling_test_fails_without_the_acceptance_step(monkeypatch):
     assert _pvalue(_draws(head, h, 1.0), p) < 1e-6
 
 
+def _verify_draws(head: ScreenedHead, h: torch.Tensor, q: torch.Tensor | None, T: float, n: int = 20_000,
+                  seed: int = 0) -> tuple[torch.Tensor, float]:
+    """n independent speculative-sampling steps of one slot: x ~ q (or the fixed draft when
+    q is None), then verify_step. Returns the counts of the emitted token and the
+    acceptance rate."""
+    g = torch.Generator().manual_seed(seed)
+    V = head.weight.shape[0]
+    if q is None:
+        x = torch.full((n,), 5, dtype=torch.long)
+        qs = None
+    else:
+        x = torch.multinomial(q, n, replacement=True, generator=g)
+        qs = q.expand(n, -1)
+    ok, corr = head.verify_step(h.expand(n, -1).contiguous(), x, qs, T, g)
+    assert bool((corr[ok] == -1).all()) and bool((corr[~ok] >= 0).all())
+    out = torch.where(ok, x, corr)
+    return torch.bincount(out, minlength=V).double(), float(ok.double().mean())
+
+
+@pytest.mark.parametrize("T,top,slack,max_tries,drafts", [
+    (1.0, 64, 0.0, 32, "random"),   # the bounds as built: the screen decides nearly every step
+    (1.0, 2, 1.0, 32, "random"),    # loose bounds: many undecided tests fall back to the full logits
+    (0.6, 2, 0.3, 32, "peaked"),    # a draft distribution far from p: many corrections
+    (1.0, 2, 0.3, 1, "random"),     # corrections giving up after one proposal
+    (1.0, 2, 0.3, 32, "one-hot"),   # deterministic drafts: q is the draft's one-hot
+])
+def test_verify_step_emits_exactly_the_target_distribution(T, top, slack, max_tries, drafts):
+    """The emitted token of an accept/correct step is distributed exactly as p = softmax(z / T),
+    and the acceptance rate is sum_x min(p(x), q(x)), whatever the bounds' width."""
+    w, h = _case()
+    head = ScreenedHead(w, top=top, slack=slack, max_tries=max_tries)
+    p = torch.softmax(F.linear(h, w)[0].double() / T, -1)
+    g = torch.Generator().manual_seed(7)
+    if drafts == "random":
+        q = torch.rand(w.shape[0], generator=g)
+    elif drafts == "peaked":
+        q = torch.full((w.shape[0],), 0.01)
+        q[int(p.argmin())] = 1.0  # most drafts are the target's least likely token
+    else:
+        q = None
+    q = None if q is None else q / q.sum()
+    counts, acc = _verify_draws(head, h, q, T)
+    assert _pvalue(counts, p) > 1e-3
+    want = float(p[5]) if q is None else float(torch.minimum(p, q.double()).sum())
+    n = counts.sum().item()
+    assert abs(acc - want) < 5 * (want * (1 - want) / n) ** 0.5 + 1e-9
+
+
+def test_the_verify_test_fails_when_undecided_steps_accept(monkeypatch):
+    """Power: accepting every step the bounds cannot decide (instead of asking the full logits)
+    over-accepts the draft, and the chi-square test sees it."""
+    w, h = _case()
+    head = ScreenedHead(w, top=2, slack=1.0)
+    monkeypatch.setattr(head, "_verify_full", lambda *a, **k: (True, -1))
+    p = torch.softmax(F.linear(h, w)[0].double(), -1)
+    q = torch.full((w.shape[0],), 0.01)
+    q[int(p.argmin())] = 1.0
+    counts, _ = _verify_draws(head, h, q / q.sum(), 1.0)
+    assert _pvalue(counts, p) < 1e-6
+
+
 def test_target_chooses_the_screen_only_where_it_applies():
     t = tiny_gemma3(vocab=512, seed=2)
     greedy, hot = SamplingParams(temperature=0), SamplingParams(temperature=1.0)

@@ -254,6 +254,9 @@ class SpeculativeEngine:
         self._next_id = 0
         self._run = None
         self.last_round: list[tuple[int, int, int]] = []  # (request id, verified drafts, accepted) of the last step
+        # sampled rounds with drafts: how many leading slots are verified through the LM
+        # head's screen before the rest goes through the full head (0: full head only)
+        self.screen_verify = 2
 
     def _propose(self, state: DraftState) -> Proposal:
         if self.drafter is None or state.max_draft == 0:
@@ -429,6 +432,11 @@ class SpeculativeEngine:
         if rows and self.target.screens(rows, params):
             hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
             res = self._decide(hidden, prop.tokens, lens, params, gens)
+        elif not params.greedy and self.screen_verify and self.target.screens(len(reqs), params):
+            # sampled drafts: the first slots verified through the screen, one slot at a
+            # time, the full LM head only for the slots reached past them
+            hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
+            res = self._verify_screened(hidden, prop.tokens, lens, prop.probs, params, gens)
         else:
             logits, feats = runner.score(ids, seqs, drafts, k)
             res = verify(logits, prop.tokens, lens, prop.probs, params, gens)  # stops: per request, below
@@ -464,6 +472,50 @@ class SpeculativeEngine:
             out = torch.full((B, k1), -1, dtype=torch.long)
             out[:, 0] = self.target.next_tokens(hidden[:, 0], params, gens).cpu()
             n_acc = torch.zeros(B, dtype=torch.long)
+        return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
+
+    def _verify_screened(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor,
+                         probs: torch.Tensor | None, params: SamplingParams, gens) -> VerifyOutput:
+        """:func:`verify` at T > 0 from the final hidden states: slot by slot, the requests
+        still accepting verify their next draft through the LM head's screen
+        (:meth:`ScreenedHead.verify_step`, exact); once ``screen_verify`` slots are done,
+        the rest of every surviving request's draft is verified from full logits in one
+        product. Most rounds end at the first rejection, so most never pay for the
+        full [k+1, V] logits."""
+        B, k1 = hidden.shape[0], hidden.shape[1]
+        head = self.target._screened_head()
+        T = params.temperature
+        out = torch.full((B, k1), -1, dtype=torch.long)
+        n_acc = torch.zeros(B, dtype=torch.long)
+        tokens, lens = tokens.cpu(), lens.cpu()
+        sub = lambda idx: None if gens is None else [gens[i] for i in idx]  # noqa: E731
+        active = list(range(B))
+        for pos in range(k1):
+            if not active:
+                break
+            bonus = [i for i in active if int(lens[i]) == pos]
+            if bonus:  # every draft accepted: the bonus token
+                out[bonus, pos] = self.target.next_tokens(hidden[bonus, pos], params, sub(bonus)).cpu()
+            ver = [i for i in active if int(lens[i]) > pos]
+            if not ver:
+                break
+            if pos >= self.screen_verify or head is None or not self.target.screens(len(ver), params):
+                rest = self.target.lm_head(hidden[ver, pos:])  # [A, k1 - pos, V]
+                q = None if probs is None else probs[ver, pos:].float()
+                r = verify(rest, tokens[ver, pos:], lens[ver] - pos, q, params, sub(ver))
+                out[ver, pos:] = r.tokens.cpu()
+                n_acc[ver] += r.num_accepted.cpu()
+                break
+            q = None if probs is None else probs[ver, pos].float()
+            ok, corr = head.verify_step(hidden[ver, pos].float(), tokens[ver, pos], q, T, sub(ver))
+            active = []
+            for j, i in enumerate(ver):
+                if ok[j]:
+                    out[i, pos] = tokens[i, pos]
+                    n_acc[i] += 1
+                    active.append(i)
+                else:
+                    out[i, pos] = corr[j]
         return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[GenerationResult]:

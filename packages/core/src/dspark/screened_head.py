@@ -37,6 +37,8 @@ the full head.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,9 @@ from dspark.sampling import Generators, _rows, inverse_cdf, uniform64
 _U16 = 2.0**-11  # fp16 unit roundoff (11 significant bits)
 _SUB = 2.0**-24  # covers fp16 subnormal rounding (<= 2^-25) of one factor, with room
 _FP16_MAX = 60000.0  # fp16 overflows past 65504: such hidden states use the full head
+# relative slack on the normaliser bounds of verify_step: covers fp32 exp (~1 ulp) of
+# arguments down to about -50 (smaller terms are < V e^-50 of a sum that is >= e^-width)
+_Z_MARGIN = 1e-4
 
 
 class ScreenedHead:
@@ -170,9 +175,7 @@ class ScreenedHead:
         b = self.bounds(h)
         if b is None:
             return self._sample_full(h, T, rows)
-        prop = b[1]  # the upper bounds, then the exact logits of the top set written in
-        top = torch.topk(prop, self.top, dim=-1).indices  # [N, top]
-        prop.scatter_(1, top, self._cap(torch.bmm(self.weight[top], h[:, :, None])[..., 0]))
+        prop, top = self._proposal(h, b[1])
         w = (prop - prop.max(-1, keepdim=True).values).mul_(1.0 / T).exp_()
         out = torch.full((N,), -1, dtype=torch.long, device=h.device)
         active = torch.arange(N, device=h.device)
@@ -192,6 +195,124 @@ class ScreenedHead:
         if active.numel():  # rare: the rows still rejecting draw from their full logits
             out[active] = self._sample_full(h[active], T, [rows[r] for r in active.tolist()])
         return out
+
+    def _proposal(self, h: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The upper bounds (modified in place) with the exact logits of the ``top`` tokens
+        of largest upper bound written in, and those tokens' ids [N, top]."""
+        top = torch.topk(upper, self.top, dim=-1).indices
+        upper.scatter_(1, top, self._cap(torch.bmm(self.weight[top], h[:, :, None])[..., 0]))
+        return upper, top
+
+    def verify_step(self, h: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, temperature: float,
+                    gens: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot of speculative sampling per row, exact, from the screen.
+
+        h: [N, d] fp32 final hidden at the slots verifying ``draft`` [N]; q: [N, V] the
+        draft distributions the tokens were drawn from (None: deterministic drafts, q the
+        one-hot of the draft). Accepts draft x with probability min(1, p(x) / q(x)) and
+        otherwise draws the correction from normalize(max(p - q, 0)), p = softmax(z / T)
+        of the fp32 logits. Returns (accepted [N] bool, token [N]: the correction where
+        rejected, -1 where accepted).
+
+        p(x) = exp(z_x / T) / Z needs the normaliser Z over the whole vocabulary. The
+        bounds give Z_lo <= Z <= Z_hi (exact terms for the ``top`` tokens and the draft,
+        bound terms elsewhere), so u < p(x) / q(x) is decided from them unless u falls
+        between the two ratios; then, and only then, the row's full fp32 logits decide.
+        The correction is drawn by rejection: y ~ p through the screen's own sampler
+        (:meth:`sample`'s scheme), kept with probability max(0, 1 - q(y) / p(y)) (always
+        when q(y) = 0), the same interval test deciding that ratio; a row still undecided
+        after ``max_tries`` proposals, or whose test is ambiguous, draws from its full
+        logits. Each test consumes one U[0, 1) draw of the row's generator."""
+        if not temperature > 0:
+            raise ValueError(f"verify_step needs temperature > 0, got {temperature} (greedy: argmax)")
+        T, N = float(temperature), h.shape[0]
+        rows = _rows(gens, N)
+        acc = torch.zeros(N, dtype=torch.bool)
+        tok = torch.full((N,), -1, dtype=torch.long)
+        draft = draft.to(torch.long)
+        b = self.bounds(h)
+        if b is None:
+            for r in range(N):
+                acc[r], tok[r] = self._verify_full(h[r], int(draft[r]), None if q is None else q[r], T, rows[r])
+            return acc, tok
+        lo, prop = b
+        prop, top = self._proposal(h, prop)  # upper bounds, exact on the top set
+        ar = torch.arange(N, device=h.device)
+        zx = self.exact_pairs(h, draft)
+        prop[ar, draft] = zx
+        lo.scatter_(1, top, prop.gather(1, top))
+        lo[ar, draft] = zx
+        m = prop.max(-1, keepdim=True).values  # >= every logit
+        w = (prop - m).mul_(1.0 / T).exp_()  # the proposal weights: exp(z / T) or exp(upper / T)
+        z_hi = w.double().sum(-1) * (1 + _Z_MARGIN)
+        z_lo = (lo - m).mul_(1.0 / T).exp_().double().sum(-1) * (1 - _Z_MARGIN)
+        del lo
+        m64 = m[:, 0].double()
+        num = torch.exp((zx.double() - m64) / T)
+        qx = torch.ones(N, dtype=torch.float64) if q is None else q[ar, draft].double()
+        r_lo = (num / (z_hi * qx)).tolist()  # p(x) / q(x) lies in [r_lo, r_hi] (inf when q(x) = 0)
+        r_hi = (num / (z_lo * qx)).tolist()
+        u = uniform64(rows, N, h.device).tolist()
+        for r in range(N):
+            if u[r] < r_lo[r]:
+                acc[r] = True
+            elif u[r] < r_hi[r]:  # between the bounds: the full logits decide
+                acc[r], tok[r] = self._verify_full(h[r], int(draft[r]), None if q is None else q[r], T, rows[r], u[r])
+            else:
+                tok[r] = self._correction(h[r], int(draft[r]), None if q is None else q[r], T, rows[r], w[r], prop[r],
+                                          top[r], float(m64[r]), float(z_lo[r]), float(z_hi[r]))
+        return acc, tok
+
+    def _correction(self, h: torch.Tensor, x: int, q: torch.Tensor | None, T: float, gen, w: torch.Tensor,
+                    prop: torch.Tensor, top: torch.Tensor, m: float, z_lo: float, z_hi: float) -> int:
+        """A draw from normalize(max(p - q, 0)) for one row by rejection (see verify_step)."""
+        exact = set(top.tolist()) | {x}
+        for _ in range(self.max_tries):
+            y = int(inverse_cdf(w[None], uniform64(gen, 1, h.device))[0])
+            if y not in exact:  # y ~ p: keep an upper-bound draw with exp((z - upper) / T)
+                zy = float(self.exact_pairs(h[None], torch.tensor([y], device=h.device))[0])
+                if not float(uniform64(gen, 1, h.device)[0]) < math.exp((zy - float(prop[y])) / T):
+                    continue
+            else:
+                zy = float(prop[y])
+            qy = (1.0 if y == x else 0.0) if q is None else float(q[y])
+            if qy == 0.0:
+                return y
+            numy = math.exp((zy - m) / T)
+            v = float(uniform64(gen, 1, h.device)[0])
+            if v < 1.0 - qy * z_hi / numy:
+                return y
+            if v >= 1.0 - qy * z_lo / numy:
+                continue
+            return self._residual_full(h, x, q, T, gen)  # undecided: the full logits from here on
+        return self._residual_full(h, x, q, T, gen)
+
+    def _probs_full(self, h: torch.Tensor, T: float) -> torch.Tensor:
+        """[d] -> [V] fp64 softmax(z / T) of the row's full fp32 logits."""
+        z = self.full(h[None])[0].double()
+        return torch.softmax((z - z.max()) / T, -1)
+
+    def _residual_full(self, h: torch.Tensor, x: int, q: torch.Tensor | None, T: float, gen,
+                       p: torch.Tensor | None = None) -> int:
+        p = self._probs_full(h, T) if p is None else p
+        res = p.clone()
+        if q is None:
+            res[x] = 0.0
+        else:
+            res = (res - q.double()).clamp_min_(0.0)
+        if not float(res.sum()) > 0:  # p == q to the last bit: rejection had probability 0
+            res = p
+        return int(inverse_cdf(res[None], uniform64(gen, 1, h.device))[0])
+
+    def _verify_full(self, h: torch.Tensor, x: int, q: torch.Tensor | None, T: float, gen,
+                     u: float | None = None) -> tuple[bool, int]:
+        """One row's accept test and correction from its full fp32 logits."""
+        p = self._probs_full(h, T)
+        u = float(uniform64(gen, 1, h.device)[0]) if u is None else float(u)
+        qx = 1.0 if q is None else float(q[x])
+        if qx <= 0 or u < float(p[x]) / qx:  # q(x) = 0: min(1, p / q) is 1
+            return True, -1
+        return False, self._residual_full(h, x, q, T, gen, p)
 
     def _sample_full(self, h: torch.Tensor, T: float, rows: list) -> torch.Tensor:
         w = torch.softmax(self.full(h) / T, -1)
