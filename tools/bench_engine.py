@@ -30,13 +30,15 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts (round-robin over the files)")
     ap.add_argument("--lm-head", default="auto", choices=["auto", "screen", "full"], help="as python -m serve --lm-head")
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "library"], help="as python -m serve --cpu-gemm")
     args = ap.parse_args()
     if min(args.concurrency) < 1:
         ap.error("--concurrency values must be >= 1")
     per = [load_first_turns(n, -(-args.prompts // len(BENCHMARKS))) for n in BENCHMARKS]
     prompts = [f"Question: {per[i % len(per)][i // len(per)]}\nAnswer:" for i in range(args.prompts)]
     policy = args.policy if args.drafter != "none" else "auto"
-    svc = build_service(ServeSettings(target=args.target, dtype=args.dtype, drafter=args.drafter, policy=policy, lm_head=args.lm_head))
+    svc = build_service(ServeSettings(target=args.target, dtype=args.dtype, drafter=args.drafter, policy=policy, lm_head=args.lm_head,
+                                      cpu_gemm=args.cpu_gemm))
 
     def run(c: int, n: int) -> float:
         t0, toks, sent, live = time.perf_counter(), 0, 0, 0
@@ -57,7 +59,8 @@ def main() -> None:
         return m["accepted_tokens_total"], m["request_rounds_total"]
 
     run(1, 1)  # warm-up
-    print(f"| engine ({args.drafter}, {args.dtype}, T={args.temperature:g}) | c | tok/s | tau |\n|---|---|---|---|")
+    print(f"| engine ({args.drafter}, {args.dtype}, T={args.temperature:g}, lm-head {args.lm_head}, cpu-gemm {args.cpu_gemm}) "
+          "| c | tok/s | tau |\n|---|---|---|---|")
     for c in args.concurrency:
         a0, r0 = tau()
         tps = run(c, max(8, 2 * c))

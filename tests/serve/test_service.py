@@ -249,3 +249,13 @@ def test_stop_cut_trims_token_ids_and_usage(target):
     ev = svc._advance(live, [6, 7, 8, 9, 10, 11])  # "cdefgh": the stop "cd" then 4 more tokens
     assert first.text + ev.text == "ab" and ev.finish_reason == "stop"
     assert first.token_ids + ev.token_ids == [4, 5, 6, 7] and ev.completion_tokens == 4
+
+
+def test_settings_name_bad_head_and_gemm_choices():
+    from serve.api import ServeSettings
+
+    with pytest.raises(ValueError, match="--lm-head"):
+        ServeSettings(lm_head="int8")
+    with pytest.raises(ValueError, match="--cpu-gemm"):
+        ServeSettings(cpu_gemm="onednn")
+    assert ServeSettings(cpu_gemm="library").cpu_gemm == "library"

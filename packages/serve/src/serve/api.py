@@ -59,6 +59,7 @@ class ServeSettings:
     metrics_file: str = ""
     threads: int = 0  # torch intra-op threads of the engine process (0: torch's default, one per core)
     lm_head: str = "auto"  # auto: the LM head's exact fp16 screen where it measures faster (CPU, fp32) | screen | full
+    cpu_gemm: str = "auto"  # auto: few-row fp32 CPU products through oneDNN on prepacked weights where available | library
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32"):
@@ -76,6 +77,8 @@ class ServeSettings:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
         if self.lm_head not in ("auto", "screen", "full"):
             raise ValueError(f"--lm-head must be auto, screen or full, got {self.lm_head!r}")
+        if self.cpu_gemm not in ("auto", "library"):
+            raise ValueError(f"--cpu-gemm must be auto or library, got {self.cpu_gemm!r}")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not self.model_name:
@@ -94,6 +97,8 @@ def build_service(s: ServeSettings, device: str = "cpu"):
 
     target = Target.load(s.target, dtype=s.dtype, device=device)
     target.screen_head = {"auto": None, "screen": True, "full": False}[s.lm_head]
+    if s.cpu_gemm == "library":
+        target.use_packed_linears(False)
     if s.drafter == "none" or s.policy == "none":
         drafter = None
     elif s.drafter == "ngram":
@@ -116,7 +121,8 @@ def build_service(s: ServeSettings, device: str = "cpu"):
         sps = None
         if policy in ("sync", "async"):
             key = {"model": target.name, "dtype": str(target.dtype), "machine": machine_key(), "tokens": list(s.sps_tokens),
-                   "kind": "verify-forward", "plain_step": "next_tokens", "lm_head": str(target.screen_head)}
+                   "kind": "verify-forward", "plain_step": "next_tokens", "lm_head": str(target.screen_head),
+                   "packed_linears": target.packed_linears}
             t0 = time.perf_counter()
             sps = cached_sps(key, lambda: profile_target_sps(target, s.sps_tokens), refresh=s.sps_refresh)
             log.info("SPS profile ready in %.1f s: %s", time.perf_counter() - t0, sps.to_dict())
