@@ -63,10 +63,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 # on a 2-core Xeon); streaming the weight in blocks, W_blk @ h^T, takes 67 ms for 8 rows.
 # oneDNN on a prepacked copy (dspark.packed_linear) beat both at every row count from 1 to
 # 32 on a 2-core AMD EPYC (8 rows: library 359, blockwise 110, oneDNN 81 ms), and the
-# library at 64-512 rows (256 rows, the top-k cache's chunk: ~1.0 vs ~1.4 s), so it is used
-# for every row count wherever it is available (not under autograd). Without it: blockwise for 4..48 rows, and
-# for 1-3 rows the first call of each row count times library and blockwise once and keeps
-# the faster (on that EPYC the library took 73 / 142 ms for 1 / 2 rows against 67 / 49 ms
+# library at 64-512 rows (256 rows, the top-k cache's chunk: ~1.0 vs ~1.4 s), so it is
+# used for every row count wherever it is available (not under autograd). Without it:
+# blockwise for 4..48 rows, and for 1-3 rows the first call of each row count times
+# library and blockwise once and keeps the faster (on that EPYC the library took 73 / 142 ms for 1 / 2 rows against 67 / 49 ms
 # blockwise; on the Xeon the library was faster). Above that the library's own kernel.
 _SKINNY_ROWS = (4, 48)
 _SKINNY_BLOCK = 32768
@@ -163,8 +163,9 @@ class Target:
         self._screen_faster: dict[int, bool] = {}  # rows -> the screen beat the full head
         # the LM head's product: None picks (see _head_kernel), or one of HEAD_KERNELS forced
         self.head_kernel: str | None = None
-        # few-row fp32 CPU products through oneDNN on prepacked weights (decoder layers, and
-        # the LM head as a timed candidate), where this torch build has it and it passes its probe
+        # fp32 CPU products through oneDNN on prepacked weights (the decoder layers' 2-64-row
+        # products, the LM head at any row count), where this torch build has it and it
+        # passes its probe
         self.packing = False
         self.packed_linears = 0
         self.use_packed_linears(True)
@@ -296,20 +297,24 @@ class Target:
         return _few_rows_choice[key]
 
     @contextlib.contextmanager
-    def head_kernel_forced(self, kernel: str | None) -> Iterator[None]:
-        """Set :attr:`head_kernel` for a block (None: the timed choice)."""
-        if kernel is not None and kernel not in HEAD_KERNELS:
-            raise ValueError(f"head kernel must be one of {HEAD_KERNELS} or None, got {kernel!r}")
-        before, self.head_kernel = self.head_kernel, kernel
+    def _set_for_block(self, name: str, value: Any) -> Iterator[None]:
+        before = getattr(self, name)
+        setattr(self, name, value)
         try:
             yield
         finally:
-            self.head_kernel = before
+            setattr(self, name, before)
+
+    def head_kernel_forced(self, kernel: str | None) -> contextlib.AbstractContextManager[None]:
+        """Set :attr:`head_kernel` for a block (None: the automatic choice)."""
+        if kernel is not None and kernel not in HEAD_KERNELS:
+            raise ValueError(f"head kernel must be one of {HEAD_KERNELS} or None, got {kernel!r}")
+        return self._set_for_block("head_kernel", kernel)
 
     def use_packed_linears(self, on: bool) -> int:
-        """Route the decoder layers' few-row fp32 CPU products (and the LM head's, when it
-        measures faster) through oneDNN on prepacked weights (:mod:`dspark.packed_linear`),
-        or back to the library GEMM. Returns how many layers now use it."""
+        """Route the decoder layers' few-row fp32 CPU products and the LM head through oneDNN
+        on prepacked weights (:mod:`dspark.packed_linear`), or back to the library GEMM.
+        Returns how many layers now use it."""
         self.packing = bool(on) and packed_linear.usable()
         if self.packing:
             self.packed_linears = packed_linear.install(self.layers)
@@ -345,14 +350,9 @@ class Target:
             self._screen = screen
         return self._screen
 
-    @contextlib.contextmanager
-    def screen_mode(self, mode: bool | None) -> Iterator[None]:
+    def screen_mode(self, mode: bool | None) -> contextlib.AbstractContextManager[None]:
         """Set :attr:`screen_head` for a block (False: every token from the full head)."""
-        before, self.screen_head = self.screen_head, mode
-        try:
-            yield
-        finally:
-            self.screen_head = before
+        return self._set_for_block("screen_head", mode)
 
     def screens(self, rows: int, params: SamplingParams) -> bool:
         """Whether :meth:`next_tokens` picks ``rows`` tokens through the fp16 screen.
