@@ -1,0 +1,82 @@
+"""Library GEMM (MKL) vs oneDNN on prepacked weights, the measurements behind
+`dspark.packed_linear` (docs/benchmarks.md, "Verify-forward cost per kernel").
+
+    python tools/bench_cpu_gemm.py shapes   # Gemma 3 270M's layer matrices, 1-16 rows (cache-resident)
+    python tools/bench_cpu_gemm.py topk     # the top-k cache's 256-row LM-head chunk, with log-softmax + top-64
+
+`shapes` prints, per [out, in] weight and row count, the median microseconds of `F.linear`
+and of `mkldnn._linear_pointwise` on a weight reordered once, and their largest difference.
+`topk` loads the embedded Gemma (fp32) and times `Target.lm_head` for 256 rows with the head
+kernel forced to library and to packed, alone and followed by log-softmax and top-64, twice
+each, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def shapes() -> None:
+    def t(f, n=30):
+        for _ in range(3):
+            f()
+        ts = []
+        for _ in range(n):
+            s = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - s)
+        ts.sort()
+        return ts[len(ts) // 2] * 1e6
+
+    for (o, i) in [(1024, 640), (640, 1024), (2048, 640), (640, 2048)]:
+        W = torch.randn(o, i)
+        res = []
+        for R in (1, 4, 8, 16):
+            h = torch.randn(R, i)
+            Wp = torch.ops.mkldnn._reorder_linear_weight(W, R)
+            a = t(lambda: F.linear(h, W))
+            b = t(lambda: torch.ops.mkldnn._linear_pointwise(h, Wp, None, "none", [], ""))
+            err = (torch.ops.mkldnn._linear_pointwise(h, Wp, None, "none", [], "") - F.linear(h, W)).abs().max().item()
+            res.append(f"R{R}: mkl {a:.0f} dnn {b:.0f} ({err:.1e})")
+        print((o, i), "  ".join(res), flush=True)
+
+
+def topk() -> None:
+    from dspark.target import Target
+
+    t = Target.load("gemma3-270m", dtype="float32")
+    h = torch.randn(256, 640) * 3
+
+    def step():
+        with torch.no_grad():
+            lg = t.lm_head(h)
+            lp = torch.log_softmax(lg.float(), -1)
+            return lp.topk(64, -1)
+
+    def tm(f):
+        f()
+        s = time.perf_counter()
+        f()
+        f()
+        return (time.perf_counter() - s) / 2 * 1e3
+
+    for k in ("library", "packed", "library", "packed"):
+        with t.head_kernel_forced(k):
+            a = tm(lambda: t.lm_head(h))
+            b = tm(step)
+        print(k, "head %.0f ms, head+log_softmax+topk %.0f ms" % (a, b), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["shapes", "topk"])
+    args = ap.parse_args()
+    {"shapes": shapes, "topk": topk}[args.what]()
+
+
+if __name__ == "__main__":
+    main()
