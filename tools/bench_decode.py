@@ -34,7 +34,7 @@ from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
 from dspark.metrics import SpecStats, merge_all
 from dspark.sampling import SamplingParams
-from dspark.scheduler import PrefixScheduler, SPSProfile, cached_sps, machine_key
+from dspark.scheduler import PrefixScheduler, SPSProfile, cached_sps
 from dspark.target import Target
 
 SPS_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)  # the server's default profile points
@@ -73,10 +73,9 @@ def full_head_ar(t: Target, p: list[int], cfg: GenerationConfig):
 
 def sps_profile(t: Target) -> SPSProfile:
     """The same cached verify-forward profile ``python -m serve`` uses for this target/machine."""
-    from serve.service import profile_target_sps
+    from serve.service import profile_target_sps, sps_profile_key
 
-    key = {"model": t.name, "dtype": str(t.dtype), "machine": machine_key(), "tokens": list(SPS_TOKENS), "kind": "verify-forward", "plain_step": "next_tokens", "lm_head": str(t.screen_head)}
-    return cached_sps(key, lambda: profile_target_sps(t, SPS_TOKENS))
+    return cached_sps(sps_profile_key(t, SPS_TOKENS), lambda: profile_target_sps(t, SPS_TOKENS))
 
 
 def make_scheduler(policy: str, t: Target, args: argparse.Namespace) -> PrefixScheduler | None:

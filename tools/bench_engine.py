@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts (round-robin over the files)")
     ap.add_argument("--lm-head", default="auto", choices=["auto", "screen", "full"], help="as python -m serve --lm-head")
     ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "library"], help="as python -m serve --cpu-gemm")
+    ap.add_argument("--decoder", default="auto", choices=["auto", "hf"], help="as python -m serve --decoder")
     args = ap.parse_args()
     if min(args.concurrency) < 1:
         ap.error("--concurrency values must be >= 1")
@@ -38,7 +39,7 @@ def main() -> None:
     prompts = [f"Question: {per[i % len(per)][i // len(per)]}\nAnswer:" for i in range(args.prompts)]
     policy = args.policy if args.drafter != "none" else "auto"
     svc = build_service(ServeSettings(target=args.target, dtype=args.dtype, drafter=args.drafter, policy=policy, lm_head=args.lm_head,
-                                      cpu_gemm=args.cpu_gemm))
+                                      cpu_gemm=args.cpu_gemm, decoder=args.decoder))
 
     def run(c: int, n: int) -> float:
         t0, toks, sent, live = time.perf_counter(), 0, 0, 0
@@ -59,7 +60,7 @@ def main() -> None:
         return m["accepted_tokens_total"], m["request_rounds_total"]
 
     run(1, 1)  # warm-up
-    print(f"| engine ({args.drafter}, {args.dtype}, T={args.temperature:g}, lm-head {args.lm_head}, cpu-gemm {args.cpu_gemm}) "
+    print(f"| engine ({args.drafter}, {args.dtype}, T={args.temperature:g}, lm-head {args.lm_head}, cpu-gemm {args.cpu_gemm}, decoder {args.decoder}) "
           "| c | tok/s | tau |\n|---|---|---|---|")
     for c in args.concurrency:
         a0, r0 = tau()

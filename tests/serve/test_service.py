@@ -14,6 +14,7 @@ from dspark.scheduler import PrefixScheduler, SPSProfile
 from dspark.target import Target
 from serve.protocol import prometheus_text
 from serve.service import ServeEngine, ServeRequest, TextStream, _held_back
+from tests.tiny import tiny_gemma3
 from tests.train.tiny_model import make_tiny_model_dir
 
 SPS = SPSProfile([1, 4, 8, 16, 32, 64], [100.0, 95.0, 80.0, 60.0, 40.0, 20.0])
@@ -259,3 +260,17 @@ def test_settings_name_bad_head_and_gemm_choices():
     with pytest.raises(ValueError, match="--cpu-gemm"):
         ServeSettings(cpu_gemm="onednn")
     assert ServeSettings(cpu_gemm="library").cpu_gemm == "library"
+    with pytest.raises(ValueError, match="--decoder"):
+        ServeSettings(decoder="compiled")
+
+
+def test_sps_profile_key_names_the_decoder_path():
+    """A profile measured on HF's forward is not reused for the fast step, and the other way."""
+    from serve.service import profile_target_sps, sps_profile_key
+
+    t = tiny_gemma3(vocab=64)
+    assert sps_profile_key(t, [1, 2])["decoder"] == "fast-slots"
+    t.fast_decoder = False
+    assert sps_profile_key(t, [1, 2])["decoder"] == "hf-slots"
+    prof = profile_target_sps(t, [1, 2, 4], context=16, repeats=1)
+    assert all(prof(b) > 0 for b in (1, 2, 4))

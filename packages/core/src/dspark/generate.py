@@ -7,7 +7,7 @@ against them: same greedy output token for token, same sampling distribution.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,6 +60,24 @@ def _ids(tokens: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([list(tokens)], dtype=torch.long, device=device)
 
 
+def _decoder_step(target: Target, capacity: int) -> Callable[[list[int]], torch.Tensor]:
+    """tokens -> the final hidden state [1, d] after feeding them: through a one-slot
+    :class:`~dspark.slot_cache.SlotKVCache` and the lean decoder step where the target
+    has one (:mod:`dspark.fast_decoder`), else HF's forward over a plain cache."""
+    from dspark import fast_decoder
+
+    want = target.fast_decoder
+    if want or (want is None and fast_decoder.supports(target) is None):  # True and unsupported: an error
+        from dspark.slot_cache import SlotKVCache
+
+        kv = SlotKVCache(target, slots=1, capacity=capacity, fast=True)
+        kv.add(0)
+        return lambda toks: kv.forward([0], [toks], logits="last_hidden")[0][:, -1]
+    cache = target.new_cache(rollback=False)  # plain decoding never rolls back
+    return lambda toks: target.forward(_ids(toks, target.device), cache, logits="none",
+                                       final_hidden=True).final_hidden[:, -1]
+
+
 @torch.inference_mode()
 def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig) -> GenerationResult:
     """Plain autoregressive decoding with a KV cache (greedy or sampled)."""
@@ -67,9 +85,9 @@ def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig
     gen, stops, params = cfg.generator(target.device), set(cfg.stops(target)), cfg.sampling
     stats = SpecStats()
     t0 = time.perf_counter()
-    cache = target.new_cache(rollback=False)  # plain decoding never rolls back
     # the final hidden state, not logits: target.next_tokens may pick through the LM head's fp16 screen
-    hidden = target.forward(_ids(prompt_ids, target.device), cache, logits="none", final_hidden=True).final_hidden[:, -1]
+    step = _decoder_step(target, len(prompt_ids) + min(cfg.max_new_tokens, 512))  # grows if needed
+    hidden = step(list(prompt_ids))
     out: list[int] = []
     reason: Literal["stop", "length"] = "length"
     while True:
@@ -81,7 +99,7 @@ def ar_generate(target: Target, prompt_ids: Sequence[int], cfg: GenerationConfig
             break
         if len(out) >= cfg.max_new_tokens:
             break
-        hidden = target.forward(_ids([tok], target.device), cache, logits="none", final_hidden=True).final_hidden[:, -1]
+        hidden = step([tok])
     stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
     return GenerationResult(out, reason, stats)
 

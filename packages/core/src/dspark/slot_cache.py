@@ -29,7 +29,7 @@ a per-layer-type mask mapping: Gemma 3, Qwen3, Llama, ...).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,8 +44,11 @@ class SlotKVCache:
     :meth:`forward` set up; nothing else of HF's cache API is used on this path.
     """
 
-    def __init__(self, target: Target, slots: int = 4, capacity: int = 256) -> None:
+    def __init__(self, target: Target, slots: int = 4, capacity: int = 256, fast: bool | None = None) -> None:
+        """``fast``: run steps through :mod:`dspark.fast_decoder` (None: as
+        ``target.fast_decoder`` says, which by default means where it supports the model)."""
         self.target = target
+        self.fast = _fast_decoder(target, target.fast_decoder if fast is None else fast)
         self.types = layer_types(target)
         self.window = getattr(target.config, "sliding_window", None)
         self.keys: list[torch.Tensor | None] = [None] * target.num_layers
@@ -102,18 +105,28 @@ class SlotKVCache:
 
     def _ensure(self, like: torch.Tensor, slots: int, need: int) -> None:
         """Storage for at least ``slots`` slots of ``need`` positions (grows by doubling)."""
+        _, h, _, d = like.shape
+        self._grow(h, d, like.dtype, like.device, slots, need)
+
+    def _grow(self, h: int, d: int, dtype: torch.dtype, device: torch.device, slots: int, need: int) -> None:
         cur_s, cur_c = self.num_slots, self.capacity
         if cur_s >= slots and cur_c >= need:
             return
         new_s = max(slots, self._slots0, 2 * cur_s if cur_s < slots else cur_s)
         new_c = max(need, self._cap0, 2 * cur_c if cur_c < need else cur_c)
-        _, h, _, d = like.shape
         for store in (self.keys, self.values):
             for li, old in enumerate(store):
-                fresh = like.new_zeros((new_s, h, new_c, d))
+                fresh = torch.zeros((new_s, h, new_c, d), dtype=dtype, device=device)
                 if old is not None:
                     fresh[:cur_s, :, :cur_c] = old
                 store[li] = fresh
+
+    def grow(self, h: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Inside :meth:`forward`: make room for the step in progress (all layers at once)."""
+        st = self._step
+        if st is None:
+            raise RuntimeError("SlotKVCache.grow called outside SlotKVCache.forward")
+        self._grow(h, d, dtype, device, st["slots_needed"], st["need"])
 
     # ------------------------------------------------------------------ the decoder's hook
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: Any = None, **_: Any):
@@ -164,6 +177,27 @@ class SlotKVCache:
         impl = cfg._attn_implementation
         if impl not in _BASE:
             raise ValueError(f"SlotKVCache needs the eager or sdpa attention, the target uses {impl!r}")
+        if self.fast is not None:
+            try:
+                tap_at = {raw % target.num_layers: raw for raw in taps}
+                hidden, got = self.fast.forward(self, ids.to(dev), q_pos.to(dev), spans, self._step["rows"], tap_at)
+            finally:
+                self._step = None
+            out = _Out(target.lm_head(hidden) if logits == "all" else None, got, hidden)
+        else:
+            out = self._hf_forward(ids, q_pos, spans, taps, logits)
+        for r, n in zip(rids, lens):
+            self.length[r] += n
+        if logits in ("last", "last_hidden"):
+            last = torch.tensor(lens, dtype=torch.long) - 1
+            h = out.final_hidden[torch.arange(R), last][:, None]
+            return (target.lm_head(h) if logits == "last" else h), out.taps
+        return (out.logits if logits == "all" else out.final_hidden), out.taps
+
+    def _hf_forward(self, ids: torch.Tensor, q_pos: torch.Tensor, spans: dict[str, _Spans], taps: Sequence[int],
+                    logits: str) -> Any:
+        target, cfg, dev = self.target, self.target.config, self.target.device
+        impl = cfg._attn_implementation
         _register()
         try:
             mode = "all" if logits == "all" else "none"
@@ -173,13 +207,31 @@ class SlotKVCache:
         finally:
             cfg._attn_implementation = impl
             self._step = None
-        for r, n in zip(rids, lens):
-            self.length[r] += n
-        if logits in ("last", "last_hidden"):
-            last = torch.tensor(lens, dtype=torch.long) - 1
-            h = out.final_hidden[torch.arange(R), last][:, None]
-            return (target.lm_head(h) if logits == "last" else h), out.taps
-        return (out.logits if logits == "all" else out.final_hidden), out.taps
+        return out
+
+
+class _Out(NamedTuple):
+    logits: torch.Tensor | None
+    taps: dict[int, torch.Tensor]
+    final_hidden: torch.Tensor
+
+
+def _fast_decoder(target: Target, want: bool | None) -> Any:
+    """The lean decoder step for ``target`` (:mod:`dspark.fast_decoder`) or None.
+    ``want``: None uses it where supported, True requires it, False never."""
+    if want is False:
+        return None
+    from dspark import fast_decoder
+
+    why = fast_decoder.supports(target)
+    if why is None:  # one per target: its fused weights (and their packed copies) are built once
+        step = getattr(target, "_fast_step", None)
+        if step is None:
+            step = target._fast_step = fast_decoder.FastGemma3(target)
+        return step
+    if want:
+        raise ValueError(f"fast decoder requested but not available: {why}")
+    return None
 
 
 _BASE = ("eager", "sdpa")

@@ -169,6 +169,11 @@ class Target:
         self.packing = False
         self.packed_linears = 0
         self.use_packed_linears(True)
+        # decoding steps (the engine's slot cache, the AR loop) through the lean decoder of
+        # dspark.fast_decoder where it supports this model: None = where supported, False =
+        # always HF's forward, True = require it
+        self.fast_decoder: bool | None = None
+        self._fast_step: Any = None  # the FastGemma3 of this target, made on first use
 
     # ------------------------------------------------------------------ loading
     @classmethod

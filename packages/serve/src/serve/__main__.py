@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--cpu-gemm", default=d["cpu_gemm"].default, choices=["auto", "library"],
                     help="few-row fp32 products on a CPU (verify forwards, small batches): auto (oneDNN on prepacked "
                          "weights where this torch has it; one extra copy of the weights) or library (docs/architecture.md)")
+    ap.add_argument("--decoder", default=d["decoder"].default, choices=["auto", "hf"],
+                    help="the target's decoding steps: auto (a lean Gemma 3 step where it applies, dspark.fast_decoder) "
+                         "or hf (transformers' forward)")
     ap.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             threshold=args.threshold, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
             max_tokens_limit=args.max_tokens_limit, model_name=args.model_name, api_key=args.api_key,
             sps_refresh=args.sps_refresh, draft_gate=not args.no_draft_gate, ngram_fallback=args.ngram_fallback,
-            threads=args.threads, lm_head=args.lm_head, cpu_gemm=args.cpu_gemm,
+            threads=args.threads, lm_head=args.lm_head, cpu_gemm=args.cpu_gemm, decoder=args.decoder,
         )
     except ValueError as e:
         print(f"[serve] {e}", file=sys.stderr)

@@ -60,6 +60,7 @@ class ServeSettings:
     threads: int = 0  # torch intra-op threads of the engine process (0: torch's default, one per core)
     lm_head: str = "auto"  # auto: the LM head's exact fp16 screen where it measures faster (CPU, fp32) | screen | full
     cpu_gemm: str = "auto"  # auto: few-row fp32 CPU products through oneDNN on prepacked weights where available | library
+    decoder: str = "auto"  # auto: decoding steps through dspark.fast_decoder where it supports the target | hf
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32"):
@@ -79,6 +80,8 @@ class ServeSettings:
             raise ValueError(f"--lm-head must be auto, screen or full, got {self.lm_head!r}")
         if self.cpu_gemm not in ("auto", "library"):
             raise ValueError(f"--cpu-gemm must be auto or library, got {self.cpu_gemm!r}")
+        if self.decoder not in ("auto", "hf"):
+            raise ValueError(f"--decoder must be auto or hf, got {self.decoder!r}")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not self.model_name:
@@ -91,14 +94,15 @@ class ServeSettings:
 def build_service(s: ServeSettings, device: str = "cpu"):
     """Target, drafter, scheduler (with its SPS profile) and the engine. No HTTP here."""
     from dspark.drafters import NgramDrafter, load_drafter
-    from dspark.scheduler import PrefixScheduler, cached_sps, machine_key
+    from dspark.scheduler import PrefixScheduler, cached_sps
     from dspark.target import Target
-    from serve.service import ServeEngine, profile_target_sps
+    from serve.service import ServeEngine, profile_target_sps, sps_profile_key
 
     target = Target.load(s.target, dtype=s.dtype, device=device)
     target.screen_head = {"auto": None, "screen": True, "full": False}[s.lm_head]
     if s.cpu_gemm == "library":
         target.use_packed_linears(False)
+    target.fast_decoder = {"auto": None, "hf": False}[s.decoder]
     if s.drafter == "none" or s.policy == "none":
         drafter = None
     elif s.drafter == "ngram":
@@ -120,9 +124,7 @@ def build_service(s: ServeSettings, device: str = "cpu"):
     if drafter is not None:
         sps = None
         if policy in ("sync", "async"):
-            key = {"model": target.name, "dtype": str(target.dtype), "machine": machine_key(), "tokens": list(s.sps_tokens),
-                   "kind": "verify-forward", "plain_step": "next_tokens", "lm_head": str(target.screen_head),
-                   "packed_linears": target.packed_linears}
+            key = sps_profile_key(target, s.sps_tokens)
             t0 = time.perf_counter()
             sps = cached_sps(key, lambda: profile_target_sps(target, s.sps_tokens), refresh=s.sps_refresh)
             log.info("SPS profile ready in %.1f s: %s", time.perf_counter() - t0, sps.to_dict())

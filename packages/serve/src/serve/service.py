@@ -347,31 +347,71 @@ class ServeEngine:
         return Event(live.uid, delta, list(toks[: max(0, len(live.ids) - before)]), finish, live.prompt_tokens, len(live.ids))
 
 
+def sps_profile_key(target: Any, batch_tokens: Sequence[int]) -> dict[str, Any]:
+    """What a cached SPS profile depends on (scheduler.cached_sps): a profile measured
+    with other kernels or another decoder path is not reused."""
+    from dspark.scheduler import machine_key
+
+    return {"model": target.name, "dtype": str(target.dtype), "machine": machine_key(), "tokens": list(batch_tokens),
+            "kind": "slot-verify-forward", "plain_step": "next_tokens", "lm_head": str(target.screen_head),
+            "packed_linears": target.packed_linears, "decoder": _decoder_path(target)}
+
+
+def _decoder_path(target: Any) -> str:
+    from dspark import batch_verify
+    from dspark.slot_cache import _fast_decoder
+
+    if not batch_verify.supports(target):
+        return "hf-cache"
+    return "hf-slots" if _fast_decoder(target, target.fast_decoder) is None else "fast-slots"
+
+
 def profile_target_sps(target: Any, batch_tokens: Sequence[int], context: int = 256, repeats: int = 5) -> Any:
     """SPS(B): steps per second of one target verify forward of B tokens after a
-    ``context``-token prefix (KV cache, rolled back after each step). B = 1 is a plain
-    decoding step as the engine runs it: the forward, then the next token through
-    ``target.next_tokens`` (the LM head's fp16 screen where the target uses it), so the
-    draft gate compares drafting with what plain decoding really costs."""
+    ``context``-token prefix (KV cache, rolled back after each step), on the path the
+    engine runs (the slot cache and its decoder step where the target supports them).
+    B = 1 is a plain decoding step as the engine runs it: the forward, then the next token
+    through ``target.next_tokens`` (the LM head's fp16 screen where the target uses it),
+    so the draft gate compares drafting with what plain decoding really costs. B > 1 takes
+    the full LM head over every row (an upper bound where sampled drafts are verified
+    through the screen)."""
     import torch
 
+    from dspark import batch_verify
     from dspark.sampling import SamplingParams
     from dspark.scheduler import profile_sps
 
     gen = torch.Generator().manual_seed(0)
-    cache = target.new_cache()
-    target.forward(torch.randint(0, target.vocab_size, (1, context), generator=gen), cache, logits="none")
-    target.rollback(cache, 0)
+    prefix = torch.randint(0, target.vocab_size, (1, context), generator=gen)
     blocks = {b: torch.randint(0, target.vocab_size, (1, b), generator=gen) for b in batch_tokens}
     plain = SamplingParams(temperature=1.0)
+    if batch_verify.supports(target):
+        from dspark.slot_cache import SlotKVCache
+
+        kv = SlotKVCache(target, slots=1, capacity=context + max(batch_tokens))
+        kv.add(0)
+        kv.forward([0], [prefix[0].tolist()], logits="last_hidden")
+
+        def forward(b: int, want: str) -> torch.Tensor:
+            out = kv.forward([0], [blocks[b][0].tolist()], logits=want)[0]
+            kv.rollback(0, b)
+            return out
+    else:
+        cache = target.new_cache()
+        target.forward(prefix, cache, logits="none")
+        target.rollback(cache, 0)
+
+        def forward(b: int, want: str) -> torch.Tensor:
+            out = target.forward(blocks[b], cache, logits="none" if want == "last_hidden" else "all",
+                                 final_hidden=want == "last_hidden")
+            target.rollback(cache, b)
+            return out.final_hidden[:, -1:] if want == "last_hidden" else out.logits
 
     def step(b: int) -> None:
         if b == 1:
-            h = target.forward(blocks[b], cache, logits="none", final_hidden=True).final_hidden[:, -1]
-            target.next_tokens(h, plain, gen)
+            target.next_tokens(forward(1, "last_hidden")[:, -1], plain, gen)
         else:
-            target.forward(blocks[b], cache, logits="all")
-        target.rollback(cache, b)
+            forward(b, "all")
 
     with torch.inference_mode():
         return profile_sps(step, list(batch_tokens), repeats=repeats)
