@@ -34,6 +34,7 @@ from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
 from dspark.metrics import SpecStats, merge_all
 from dspark.sampling import SamplingParams
+from dspark import fast_decoder
 from dspark.scheduler import PrefixScheduler, SPSProfile, cached_sps
 from dspark.target import Target
 
@@ -65,6 +66,15 @@ def hf_generate(t: Target, ids: list[int], n: int, temperature: float, seed: int
     return out[0, len(ids) :].tolist()
 
 
+def hf_step_ar(t: Target, p: list[int], cfg: GenerationConfig):
+    """Our AR loop with every step through transformers' forward (no lean decoder step)."""
+    t.fast_decoder = False
+    try:
+        return ar_generate(t, p, cfg)
+    finally:
+        t.fast_decoder = None
+
+
 def full_head_ar(t: Target, p: list[int], cfg: GenerationConfig):
     """Our AR loop with every token picked from the full fp32 LM head (no fp16 screen)."""
     with t.screen_mode(False):
@@ -92,6 +102,8 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
     if not args.no_hf:
         methods["HF generate"] = lambda p: (hf_generate(t, p, args.max_new_tokens, temperature, args.seed), None)
     methods["ours: AR loop"] = lambda p: ((r := ar_generate(t, p, cfg)).tokens, r.stats)
+    if fast_decoder.supports(t) is None:  # where the lean decoder step applies: the loop without it
+        methods["ours: AR loop, HF decoder step"] = lambda p: ((r := hf_step_ar(t, p, cfg)).tokens, r.stats)
     if t._screened_head() is not None:  # where the LM head's fp16 screen applies: the loop without it
         methods["ours: AR loop, full LM head"] = lambda p: ((r := full_head_ar(t, p, cfg)).tokens, r.stats)
     if not args.no_hf:

@@ -250,13 +250,43 @@ def test_markov_transition_rows_equal_the_product_and_follow_weight_updates():
     assert len(rows._rows) == 3 and 12 in rows._rows
 
 
-@pytest.mark.parametrize("kind", ["dflash", "dspark", "dspark-rnn"])
+def test_markov_rows_from_the_fp16_copy():
+    """Large fp32 CPU heads compute missed rows from an fp16 copy of W2 (half the bytes):
+    within fp16 rounding of the product, refreshed after a weight update, and an fp32
+    product where fp16 would overflow."""
+    from dspark.heads.markov import MarkovHead, TransitionRows
+
+    torch.manual_seed(0)
+    head = MarkovHead(300, rank=16)
+    torch.nn.init.normal_(head.w2.weight)
+    prev = torch.tensor([4, 7, 4, 299])
+    want = head.w2(head.w1(prev))
+    rows = TransitionRows(half_min_weights=0)
+    got = rows(head, prev)
+    assert rows._w2_half is not None and rows._w2_half.dtype == torch.float16 and got.dtype == torch.float32
+    err = (got - want).abs().max() / want.abs().max()
+    assert 0 < err < 2e-3  # the fp16 copy is really used, and close
+    assert TransitionRows()._half(head.w2.weight) is None  # small heads: fp32 (default threshold 2^20)
+    with torch.no_grad():
+        head.w2.weight.mul_(3.0)
+    torch.testing.assert_close(rows(head, prev), head.w2(head.w1(prev)), rtol=0, atol=float(6e-3 * want.abs().max()))
+    with torch.no_grad():
+        head.w2.weight[5, 0] = 1e6  # past fp16's range
+    torch.testing.assert_close(rows(head, prev), head.w2(head.w1(prev)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "dspark", "dspark-rnn", "dspark-fp16-rows"])
 def test_drafts_follow_the_probabilities_they_report(target, kind):
     """The verifier divides by the reported draft probability of the drawn token: the draws
-    must follow exactly those probabilities (chi-square on slot 1, per-row generators)."""
+    must follow exactly those probabilities (chi-square on slot 1, per-row generators);
+    also with the Markov rows computed from the fp16 copy of W2."""
     from scipy.stats import chisquare
 
-    d = make(target, kind)
+    from dspark.heads.markov import TransitionRows
+
+    d = make(target, "dspark" if kind == "dspark-fp16-rows" else kind)
+    if kind == "dspark-fp16-rows":
+        d._transitions = TransitionRows(half_min_weights=0)
     seq = torch.randint(4, V, (1, 10), generator=torch.Generator().manual_seed(3))
     feats = features(target, seq[:, :9], d.feature_layers)[0]
     n = 3000
