@@ -3,12 +3,16 @@
 
     python tools/bench_cpu_gemm.py shapes   # Gemma 3 270M's layer matrices, 1-16 rows (cache-resident)
     python tools/bench_cpu_gemm.py topk     # the top-k cache's 256-row LM-head chunk, with log-softmax + top-64
+    python tools/bench_cpu_gemm.py markov   # one Markov transition row: [256] x [256, 32768], fp32 vs fp16
 
 `shapes` prints, per [out, in] weight and row count, the median microseconds of `F.linear`
 and of `mkldnn._linear_pointwise` on a weight reordered once, and their largest difference.
 `topk` loads the embedded Gemma (fp32) and times `Target.lm_head` for 256 rows with the head
 kernel forced to library and to packed, alone and followed by log-softmax and top-64, twice
-each, interleaved.
+each, interleaved. `markov` times one missed Markov transition row of the default DSpark
+drafter (rank 256, 32k draft vocabulary) as `dspark.heads.markov.TransitionRows` computed it
+(fp32, `w1 @ w2.T`), on a contiguous transposed fp32 copy, and from an fp16 copy (the
+default for large fp32 CPU heads), with the fp16 row's largest error.
 """
 
 from __future__ import annotations
@@ -71,11 +75,37 @@ def topk() -> None:
         print(k, "head %.0f ms, head+log_softmax+topk %.0f ms" % (a, b), flush=True)
 
 
+def markov() -> None:
+    torch.manual_seed(0)
+    w2 = torch.randn(32768, 256) * 0.05
+    w1 = torch.randn(100, 256)
+    w2t, w2h = w2.T.contiguous(), w2.half()
+
+    def t(f, n=40):
+        for i in range(3):
+            f(i)
+        ts = []
+        for i in range(n):
+            s = time.perf_counter()
+            f(i % 100)
+            ts.append(time.perf_counter() - s)
+        ts.sort()
+        return ts[n // 2] * 1e3
+
+    ref = lambda i: (w1[i : i + 1] @ w2.T)[0]  # noqa: E731
+    half = lambda i: F.linear(w1[i : i + 1].half(), w2h)[0].float()  # noqa: E731
+    print("fp32 w1 @ w2.T: %.2f ms" % t(ref))
+    print("fp32 on a contiguous w2.T copy: %.2f ms" % t(lambda i: (w1[i : i + 1] @ w2t)[0]))
+    print("fp16 copy: %.2f ms" % t(half))
+    err = max(float(((half(i) - ref(i)).abs().max() / ref(i).abs().max())) for i in range(20))
+    print("fp16 row: largest error %.1e of the row's largest entry" % err)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["shapes", "topk"])
+    ap.add_argument("what", choices=["shapes", "topk", "markov"])
     args = ap.parse_args()
-    {"shapes": shapes, "topk": topk}[args.what]()
+    {"shapes": shapes, "topk": topk, "markov": markov}[args.what]()
 
 
 if __name__ == "__main__":
