@@ -112,6 +112,11 @@ def test_refuses_unsupported_models_with_the_reason():
         SlotKVCache(q, fast=True)
     assert SlotKVCache(q).fast is None  # auto: HF's forward
     t = tiny_gemma3(vocab=64)
+    kv = SlotKVCache(t, fast=True)
+    kv.add(0)
+    with pytest.raises(ValueError, match="tap layer 7 out of range"):
+        kv.forward([0], [[4, 5]], taps=[7])
+    kv.forward([0], [[4, 5]], taps=[-3])  # negative indices count from the last layer, as in Target.forward
     t.config.attn_logit_softcapping = 50.0
     assert "soft-capping" in fast_decoder.supports(t)
     assert SlotKVCache(t).fast is None

@@ -23,7 +23,10 @@ Capacity grows by doubling (one copy, amortised) and a freed slot is refilled by
 the last slot into it (one copy per finished request).
 
 Works for the targets :func:`dspark.batch_verify.supports` accepts (HF decoders that take
-a per-layer-type mask mapping: Gemma 3, Qwen3, Llama, ...).
+a per-layer-type mask mapping: Gemma 3, Qwen3, Llama, ...). For Gemma 3 the step runs
+through :mod:`dspark.fast_decoder` (same weights and arithmetic, without HF's per-op
+overhead) unless ``fast=False`` or ``target.fast_decoder = False`` (read when the cache is
+made).
 """
 
 from __future__ import annotations
@@ -178,8 +181,13 @@ class SlotKVCache:
         if impl not in _BASE:
             raise ValueError(f"SlotKVCache needs the eager or sdpa attention, the target uses {impl!r}")
         if self.fast is not None:
+            nl = target.num_layers
+            bad = [raw for raw in taps if not -nl <= raw < nl]
+            if bad:
+                self._step = None
+                raise ValueError(f"tap layer {bad[0]} out of range for {nl} layers")
             try:
-                tap_at = {raw % target.num_layers: raw for raw in taps}
+                tap_at = {raw % nl: raw for raw in taps}
                 hidden, got = self.fast.forward(self, ids.to(dev), q_pos.to(dev), spans, self._step["rows"], tap_at)
             finally:
                 self._step = None
