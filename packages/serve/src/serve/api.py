@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,15 @@ class SpeculativeAPI(ls.LitAPI):
         self.settings = settings
 
     def setup(self, device: str) -> None:
+        # Every torch call of the engine runs on this one thread. LitServe calls step()
+        # through asyncio.to_thread, i.e. on whichever thread of the default executor is
+        # free; with OpenMP every new calling thread gets its own team of worker threads,
+        # and several teams spinning on a 2-core box slowed c=1 decoding (docs/serving.md).
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dspark-engine")
+        self._engine_thread.submit(self._setup, device).result()
+        log.info("engine ready: %s", self.settings.model_name)
+
+    def _setup(self, device: str) -> None:
         if self.settings.threads:
             import torch
 
@@ -160,7 +170,6 @@ class SpeculativeAPI(ls.LitAPI):
         self._acks: deque[Output] = deque()
         self._last_metrics = 0.0
         self._write_metrics(force=True)
-        log.info("engine ready: %s", self.settings.model_name)
 
     # the loop calls these ---------------------------------------------------------
     def has_capacity(self) -> bool:
@@ -185,6 +194,12 @@ class SpeculativeAPI(ls.LitAPI):
             self._acks.append(Output(uid, {}, LitAPIStatus.FINISH_STREAMING))
 
     def step(self, prev_outputs: list[Output] | None) -> list[Output]:
+        pool = getattr(self, "_engine_thread", None)
+        if pool is None:  # set up by hand (tests): run here
+            return self._step(prev_outputs)
+        return pool.submit(self._step, prev_outputs).result()
+
+    def _step(self, prev_outputs: list[Output] | None) -> list[Output]:
         outs: list[Output] = []
         while self._acks:
             outs.append(self._acks.popleft())
