@@ -18,23 +18,29 @@ default for large fp32 CPU heads), with the fp16 row's largest error.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
 import torch.nn.functional as F
 
 
+def _median_s(f, n: int = 30) -> float:
+    """Median seconds of ``n`` calls of ``f()`` after 3 warm-up calls."""
+    for _ in range(3):
+        f()
+    ts = []
+    for _ in range(n):
+        s = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - s)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def shapes() -> None:
     def t(f, n=30):
-        for _ in range(3):
-            f()
-        ts = []
-        for _ in range(n):
-            s = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - s)
-        ts.sort()
-        return ts[len(ts) // 2] * 1e6
+        return _median_s(f, n) * 1e6
 
     for (o, i) in [(1024, 640), (640, 1024), (2048, 640), (640, 2048)]:
         W = torch.randn(o, i)
@@ -81,16 +87,10 @@ def markov() -> None:
     w1 = torch.randn(100, 256)
     w2t, w2h = w2.T.contiguous(), w2.half()
 
-    def t(f, n=40):
-        for i in range(3):
-            f(i)
-        ts = []
-        for i in range(n):
-            s = time.perf_counter()
-            f(i % 100)
-            ts.append(time.perf_counter() - s)
-        ts.sort()
-        return ts[n // 2] * 1e3
+    rows = itertools.cycle(range(100))
+
+    def t(f, n=40):  # a different row of w1 each call
+        return _median_s(lambda: f(next(rows)), n) * 1e3
 
     ref = lambda i: (w1[i : i + 1] @ w2.T)[0]  # noqa: E731
     half = lambda i: F.linear(w1[i : i + 1].half(), w2h)[0].float()  # noqa: E731

@@ -64,13 +64,10 @@ def _decoder_step(target: Target, capacity: int) -> Callable[[list[int]], torch.
     """tokens -> the final hidden state [1, d] after feeding them: through a one-slot
     :class:`~dspark.slot_cache.SlotKVCache` and the lean decoder step where the target
     has one (:mod:`dspark.fast_decoder`), else HF's forward over a plain cache."""
-    from dspark import fast_decoder
+    from dspark.slot_cache import SlotKVCache
 
-    want = target.fast_decoder
-    if want or (want is None and fast_decoder.supports(target) is None):  # True and unsupported: an error
-        from dspark.slot_cache import SlotKVCache
-
-        kv = SlotKVCache(target, slots=1, capacity=capacity, fast=True)
+    kv = SlotKVCache(target, slots=1, capacity=capacity)  # decides (and refuses) as the engine does
+    if kv.fast is not None:
         kv.add(0)
         return lambda toks: kv.forward([0], [toks], logits="last_hidden")[0][:, -1]
     cache = target.new_cache(rollback=False)  # plain decoding never rolls back
