@@ -4,10 +4,11 @@
 
     python tools/bench_decoder_step.py                      # R requests x n new tokens: 1x1 1x8 2x1 4x1 8x1 2x8
     python tools/bench_decoder_step.py --shapes 8x1 --reps 6
+    python tools/bench_decoder_step.py --paths lean compiled   # torch.compile of its elementwise parts
 
 Each request holds a random 100-240-token context of the embedded Gemma (fp32); a step
 feeds n tokens per request and is rolled back. Prints the median ms of each round of
-`--steps` steps, `--reps` rounds per path, fast and HF alternating.
+`--steps` steps, `--reps` rounds per path, the paths alternating.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import time
 
 import torch
 
+from dspark import fast_decoder
 from dspark.slot_cache import SlotKVCache
 from dspark.target import Target
+
+
+PATHS = ("lean", "compiled", "hf")
 
 
 def main() -> None:
@@ -26,6 +31,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["1x1", "1x8", "2x1", "4x1", "8x1", "2x8"], help="RxN")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--paths", nargs="+", default=["lean", "hf"], choices=PATHS,
+                    help="lean: dspark.fast_decoder eager; compiled: the same with its elementwise parts "
+                         "through torch.compile; hf: transformers' forward. Ratios are against the first.")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     slots = max(r for r, _ in shapes)
@@ -33,34 +41,44 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ctx = [torch.randint(100, 20000, (100 + 20 * r,), generator=g).tolist() for r in range(slots)]
     caches = {}
-    for fast in (True, False):
-        kv = SlotKVCache(t, slots=slots, capacity=512, fast=fast)
+    for path in args.paths:
+        kv = SlotKVCache(t, slots=slots, capacity=512, fast=path != "hf")
+        if path == "compiled":  # its own step object: the lean one stays eager
+            kv.fast = fast_decoder.FastGemma3(t, compile=True)
         for r in range(slots):
             kv.add(r)
         kv.forward(list(range(slots)), ctx, logits="last_hidden")
-        caches[fast] = kv
+        caches[path] = kv
 
     def step(kv: SlotKVCache, R: int, n: int) -> None:
         kv.forward(list(range(R)), [[123] * n] * R, logits="last_hidden")
         for r in range(R):
             kv.rollback(r, n)
 
-    print("| requests x tokens | lean step ms (rounds) | HF forward ms (rounds) | HF / lean |")
-    print("|---|---|---|---|")
+    if "compiled" in caches:  # compile every shape before timing (one-time cost, reported)
+        s = time.perf_counter()
+        for R, n in shapes:
+            step(caches["compiled"], R, n)
+        print(f"compile warm-up: {time.perf_counter() - s:.0f} s, compiled: {caches['compiled'].fast.compiled}")
+    first = args.paths[0]
+    print("| requests x tokens | " + " | ".join(f"{p} ms (rounds)" for p in args.paths) + " | "
+          + " | ".join(f"{p} / {first}" for p in args.paths[1:]) + " |")
+    print("|---" * (2 * len(args.paths)) + "|")
     for R, n in shapes:
-        res: dict[bool, list[float]] = {True: [], False: []}
+        res: dict[str, list[float]] = {p: [] for p in args.paths}
         for _ in range(args.reps):
-            for fast in (True, False):
+            for path in args.paths:
                 ts = []
                 for _ in range(args.steps):
                     s = time.perf_counter()
-                    step(caches[fast], R, n)
+                    step(caches[path], R, n)
                     ts.append(time.perf_counter() - s)
                 ts.sort()
-                res[fast].append(1e3 * ts[len(ts) // 2])
-        a, b = sorted(res[True])[len(res[True]) // 2], sorted(res[False])[len(res[False]) // 2]
-        print(f"| {R} x {n} | {a:.0f} ({' '.join(f'{x:.0f}' for x in res[True])}) | "
-              f"{b:.0f} ({' '.join(f'{x:.0f}' for x in res[False])}) | {b / a:.2f} |", flush=True)
+                res[path].append(1e3 * ts[len(ts) // 2])
+        med = {p: sorted(v)[len(v) // 2] for p, v in res.items()}
+        cells = [f"{med[p]:.0f} ({' '.join(f'{x:.0f}' for x in res[p])})" for p in args.paths]
+        ratios = [f"{med[p] / med[first]:.2f}" for p in args.paths[1:]]
+        print(f"| {R} x {n} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,33 @@ def test_decoding_on_the_fast_step_matches_hf(temperature):
         eng = SpeculativeEngine(t, NgramDrafter(num_tokens=3), num_draft=3)
         assert [r.tokens for r in eng.generate(prompts, cfg)] == want
         assert type(eng._run).__name__ == "_SlotRunner" and eng._run.kv.fast is not None
+
+
+def test_a_failing_compiled_part_falls_back_to_eager(caplog):
+    """FastGemma3(compile=True) whose compiled parts cannot run (here: a stand-in that raises,
+    as a missing C++ compiler would at first call) logs once, switches to eager and gives
+    the eager step's values; the lean step's restructured parts equal HF's forward."""
+    t = _target(seed=3)
+    eager = SlotKVCache(t, slots=1, capacity=8, fast=True)
+    broken = SlotKVCache(t, slots=1, capacity=8, fast=True)
+    broken.fast = fast_decoder.FastGemma3(t)
+    calls = []
+
+    def no_compiler(*args):
+        calls.append(1)
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    broken.fast.compiled = True
+    broken.fast._kernels = {name: no_compiler for name in fast_decoder._KERNELS}
+    for kv in (eager, broken):
+        kv.add(0)
+    prompt = [[5, 9, 14, 3, 22, 7]]
+    with caplog.at_level("WARNING", logger="dspark.fast_decoder"):
+        a, _ = eager.forward([0], prompt, logits="hidden")
+        b, _ = broken.forward([0], prompt, logits="hidden")
+        b2, _ = broken.forward([0], [[8]], logits="hidden")
+    a2, _ = eager.forward([0], [[8]], logits="hidden")
+    assert calls == [1] and broken.fast.compiled is False
+    assert broken.fast._kernels == fast_decoder._KERNELS
+    assert sum("running it eager" in r.message for r in caplog.records) == 1
+    assert torch.equal(a, b) and torch.equal(a2, b2)

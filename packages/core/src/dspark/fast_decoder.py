@@ -100,10 +100,47 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# ---------------------------------------------------------------- the step's elementwise parts
+# Between the weight products a layer runs only elementwise work and row reductions (norms,
+# rotary, residual adds, the gated activation): eager, about a hundred small ATen calls per
+# layer. These three functions hold all of it, so that ``torch.compile`` can turn each into
+# one fused kernel (FastGemma3(compile=True)); eager they compute exactly what the loop
+# computed before they existed.
+
+
+def _qkv_post(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+              hq: int, hkv: int, d: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[R, N, (hq + 2 hkv) d] fused projection -> q, k (normed, rotated), v as [R, N, H, d]."""
+    R, N = qkv.shape[0], qkv.shape[1]
+    nq, nk = hq * d, hkv * d
+    q = _rms(qkv[..., :nq].reshape(R, N, hq, d), wq, eps)
+    k = _rms(qkv[..., nq:nq + nk].reshape(R, N, hkv, d), wk, eps)
+    v = qkv[..., nq + nk:].reshape(R, N, hkv, d)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def _residual_norms(out: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sandwich-norm residual step: x = residual + rms(out) and the next block's input
+    rms(x) (the MLP's pre-norm, the next layer's input norm, or the final norm)."""
+    x = residual + _rms(out, w_post, eps)
+    return x, _rms(x, w_next, eps)
+
+
+def _gated_gelu(gu: torch.Tensor) -> torch.Tensor:
+    inter = gu.shape[-1] // 2
+    return F.gelu(gu[..., :inter], approximate="tanh") * gu[..., inter:]
+
+
+_KERNELS = {"qkv_post": _qkv_post, "residual_norms": _residual_norms, "gated_gelu": _gated_gelu}
+
+
 class FastGemma3:
     """The decoder step of a Gemma 3 target, reading its weights (see module doc)."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, compile: bool = False) -> None:
         why = supports(target)
         if why:
             raise ValueError(f"the fast decoder cannot run this target: {why}")
@@ -128,6 +165,10 @@ class FastGemma3:
                           layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm),
             })
         self.final_norm = dec.norm
+        self.compiled = bool(compile)
+        self._kernels = dict(_KERNELS)
+        if compile:
+            self._kernels = {k: torch.compile(f, fullgraph=True) for k, f in _KERNELS.items()}
         self._w1_key: tuple[tuple[int, int], ...] | None = None
         self._w1: list[tuple[torch.Tensor, ...]] = []
         self._final_w1: torch.Tensor | None = None
@@ -179,35 +220,38 @@ class FastGemma3:
         captured: dict[int, torch.Tensor] = {}
         hq, hkv, d, eps = self.hq, self.hkv, self.d, self.eps
         grp = hq // hkv
-        nq, nk = hq * d, hkv * d
+        n_layers = len(self.layers)
+        assert self._final_w1 is not None
+        h = _rms(x, self._w1[0][0], eps)
         for li, (L, w1) in enumerate(zip(self.layers, self._w1)):
-            ty = self.types[li]
-            cos, sin = rope[ty]
-            residual = x
-            h = _rms(x, w1[0], eps)
-            qkv = self._linear(h, L["qkv"].get())
-            q = _rms(qkv[..., :nq].reshape(R, N, hq, d), w1[1], eps)
-            k = _rms(qkv[..., nq:nq + nk].reshape(R, N, hkv, d), w1[2], eps)
-            v = qkv[..., nq + nk:].reshape(R, N, hkv, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            cos, sin = rope[self.types[li]]
+            q, k, v = self._run("qkv_post", self._linear(h, L["qkv"].get()), cos, sin, w1[1], w1[2], hq, hkv, d, eps)
             K, V = kv.keys[li], kv.values[li]
             K[rows, :, pos] = k.to(K.dtype)  # [R, N, Hkv, D] at advanced indices (slot, position)
             V[rows, :, pos] = v.to(V.dtype)
-            att = self._attend(q, K, V, spans[ty], grp)  # [R, N, Hq * D]
-            h = _rms(self._linear(att, L["o"]), w1[3], eps)
-            x = residual + h
-            residual = x
-            h = _rms(x, w1[4], eps)
-            gu = self._linear(h, L["gu"].get())
-            inter = gu.shape[-1] // 2
-            h = F.gelu(gu[..., :inter], approximate="tanh") * gu[..., inter:]
-            h = _rms(self._linear(h, L["down"]), w1[5], eps)
-            x = residual + h
+            att = self._attend(q, K, V, spans[self.types[li]], grp)  # [R, N, Hq * D]
+            x, h = self._run("residual_norms", self._linear(att, L["o"]), x, w1[3], w1[4], eps)
+            g = self._run("gated_gelu", self._linear(h, L["gu"].get()))
+            w_next = self._w1[li + 1][0] if li + 1 < n_layers else self._final_w1
+            x, h = self._run("residual_norms", self._linear(g, L["down"]), x, w1[5], w_next, eps)
             if li in taps:
                 captured[li] = x
-        assert self._final_w1 is not None
-        return _rms(x, self._final_w1, eps), captured
+        return h, captured
+
+    def _run(self, name: str, *args):
+        """One of the step's elementwise parts, compiled where that was asked for and works;
+        a compiled part that fails (no C++ compiler, an unsupported op) is logged once and
+        the step goes on eager, never crashes."""
+        fn = self._kernels[name]
+        if fn is _KERNELS[name]:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
+            log.warning("compiled decoder step unavailable (%s: %s); running it eager", type(e).__name__, str(e)[:200])
+            self._kernels = dict(_KERNELS)
+            self.compiled = False
+            return _KERNELS[name](*args)
 
     def _attend(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, spans: _Spans, grp: int) -> torch.Tensor:
         R, N, hq, d = q.shape
