@@ -50,16 +50,25 @@ def main() -> None:
         kv.forward(list(range(slots)), ctx, logits="last_hidden")
         caches[path] = kv
 
-    def step(kv: SlotKVCache, R: int, n: int) -> None:
-        kv.forward(list(range(R)), [[123] * n] * R, logits="last_hidden")
+    def step(kv: SlotKVCache, R: int, n: int) -> torch.Tensor:
+        out, _ = kv.forward(list(range(R)), [[123] * n] * R, logits="last_hidden")
         for r in range(R):
             kv.rollback(r, n)
+        return out
 
     if "compiled" in caches:  # compile every shape before timing (one-time cost, reported)
         s = time.perf_counter()
-        for R, n in shapes:
-            step(caches["compiled"], R, n)
+        got = [step(caches["compiled"], R, n) for R, n in shapes]
         print(f"compile warm-up: {time.perf_counter() - s:.0f} s, compiled: {caches['compiled'].fast.compiled}")
+        ref = caches.get("lean") or SlotKVCache(t, slots=slots, capacity=512, fast=True)
+        if "lean" not in caches:
+            for r in range(slots):
+                ref.add(r)
+            ref.forward(list(range(slots)), ctx, logits="last_hidden")
+        for (R, n), a in zip(shapes, got):
+            b = step(ref, R, n)
+            print(f"compiled vs eager, {R}x{n}: max |diff| {(a - b).abs().max().item():.2e} "
+                  f"of max |h| {b.abs().max().item():.1f}")
     first = args.paths[0]
     print("| requests x tokens | " + " | ".join(f"{p} ms (rounds)" for p in args.paths) + " | "
           + " | ".join(f"{p} / {first}" for p in args.paths[1:]) + " |")
