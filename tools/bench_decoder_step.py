@@ -40,15 +40,17 @@ def main() -> None:
     t = Target.load("gemma3-270m", dtype="float32")
     g = torch.Generator().manual_seed(0)
     ctx = [torch.randint(100, 20000, (100 + 20 * r,), generator=g).tolist() for r in range(slots)]
-    caches = {}
-    for path in args.paths:
+    def make(path: str) -> SlotKVCache:
+        """A slot cache for ``path`` holding every request's context."""
         kv = SlotKVCache(t, slots=slots, capacity=512, fast=path != "hf")
         if path == "compiled":  # its own step object: the lean one stays eager
             kv.fast = fast_decoder.FastGemma3(t, compile=True)
         for r in range(slots):
             kv.add(r)
         kv.forward(list(range(slots)), ctx, logits="last_hidden")
-        caches[path] = kv
+        return kv
+
+    caches = {path: make(path) for path in args.paths}
 
     def step(kv: SlotKVCache, R: int, n: int) -> torch.Tensor:
         out, _ = kv.forward(list(range(R)), [[123] * n] * R, logits="last_hidden")
@@ -60,11 +62,7 @@ def main() -> None:
         s = time.perf_counter()
         got = [step(caches["compiled"], R, n) for R, n in shapes]
         print(f"compile warm-up: {time.perf_counter() - s:.0f} s, compiled: {caches['compiled'].fast.compiled}")
-        ref = caches.get("lean") or SlotKVCache(t, slots=slots, capacity=512, fast=True)
-        if "lean" not in caches:
-            for r in range(slots):
-                ref.add(r)
-            ref.forward(list(range(slots)), ctx, logits="last_hidden")
+        ref = caches["lean"] if "lean" in caches else make("lean")
         for (R, n), a in zip(shapes, got):
             b = step(ref, R, n)
             print(f"compiled vs eager, {R}x{n}: max |diff| {(a - b).abs().max().item():.2e} "

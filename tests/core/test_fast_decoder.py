@@ -150,7 +150,7 @@ def test_decoding_on_the_fast_step_matches_hf(temperature):
 def test_a_failing_compiled_part_falls_back_to_eager(caplog):
     """FastGemma3(compile=True) whose compiled parts cannot run (here: a stand-in that raises,
     as a missing C++ compiler would at first call) logs once, switches to eager and gives
-    the eager step's values; the lean step's restructured parts equal HF's forward."""
+    the eager step's values, to the bit."""
     t = _target(seed=3)
     eager = SlotKVCache(t, slots=1, capacity=8, fast=True)
     broken = SlotKVCache(t, slots=1, capacity=8, fast=True)

@@ -242,12 +242,11 @@ class FastGemma3:
         """One of the step's elementwise parts, compiled where that was asked for and works;
         a compiled part that fails (no C++ compiler, an unsupported op) is logged once and
         the step goes on eager, never crashes."""
-        fn = self._kernels[name]
-        if fn is _KERNELS[name]:
-            return fn(*args)
         try:
-            return fn(*args)
+            return self._kernels[name](*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
+            if not self.compiled:
+                raise
             log.warning("compiled decoder step unavailable (%s: %s); running it eager", type(e).__name__, str(e)[:200])
             self._kernels = dict(_KERNELS)
             self.compiled = False
