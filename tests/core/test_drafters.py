@@ -110,6 +110,29 @@ def test_teacher_forced_logits_equal_sampling_loop(target, kind, draft_vocab):
         torch.testing.assert_close(conf, prop.confidence[0], rtol=1e-4, atol=1e-6)
 
 
+def test_context_appended_over_rounds_equals_the_whole_context_at_once(target):
+    """The drafter's per-request context K/V, appended a few committed positions per round
+    (past its buffer's first capacity, so it regrows), drafts exactly what a drafter handed
+    the same context in one call drafts."""
+    seq = torch.randint(4, V, (1, 150), generator=torch.Generator().manual_seed(3))[0].tolist()
+    feats = features(target, torch.tensor([seq]), make(target, "dspark").feature_layers)[0]
+    params = SamplingParams(temperature=1.0)
+
+    def propose(d, end, start):
+        st = DraftState([seq[: end + 1]], [0], G, params, torch.Generator().manual_seed(end), [feats[start:end]])
+        return d.propose(st)
+
+    inc, one = make(target, "dspark"), make(target, "dspark")
+    start = 0
+    for end in (5, 40, 63, 64, 65, 97, 129, 149):  # rounds committing 5, 35, 23, 1, 1, 32, 32, 20 positions
+        got = propose(inc, end, start)
+        start = end
+    assert inc._cache[0].length == 149
+    want = propose(one, 149, 0)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.probs, want.probs, rtol=1e-5, atol=1e-7)
+
+
 def test_rnn_head_step_by_step_equals_block():
     head = RNNHead(30, rank=6, hidden_size=8)
     with torch.no_grad():

@@ -46,11 +46,43 @@ class BlockOutput:
 
 
 class _RowCache:
-    """Per-request context K/V (one tensor pair per draft layer, batch 1)."""
+    """Per-request context K/V (one tensor pair per draft layer, batch 1) in buffers that
+    grow by doubling, so a round's newly committed positions are written in place instead
+    of copying the whole context (no per-round work over the context)."""
 
     def __init__(self) -> None:
-        self.kv: list[LayerKV] | None = None
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
         self.length = 0
+
+    @property
+    def kv(self) -> list[LayerKV] | None:
+        """Per-layer views of the first ``length`` positions, or None before any."""
+        if not self._k:
+            return None
+        n = self.length
+        return [LayerKV(k[:, :, :n], v[:, :, :n]) for k, v in zip(self._k, self._v)]
+
+    def append(self, new: list[LayerKV]) -> None:
+        """Add the K/V of the next positions ([1, Hkv, n, hd] per layer)."""
+        end = self.length + new[0].k.shape[2]
+        if not self._k or end > self._k[0].shape[2]:
+            cap = max(end, 2 * (self._k[0].shape[2] if self._k else 0), 64)
+
+            def grown(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+                buf = like.new_empty((like.shape[0], like.shape[1], cap, like.shape[3]))
+                if old is not None:
+                    buf[:, :, : self.length] = old[:, :, : self.length]
+                return buf
+
+            olds_k = self._k or [None] * len(new)
+            olds_v = self._v or [None] * len(new)
+            self._k = [grown(o, l.k) for o, l in zip(olds_k, new)]
+            self._v = [grown(o, l.v) for o, l in zip(olds_v, new)]
+        for k, v, l in zip(self._k, self._v, new):
+            k[:, :, self.length : end] = l.k
+            v[:, :, self.length : end] = l.v
+        self.length = end
 
 
 class ParallelDrafter(LinkedDrafter):
@@ -113,9 +145,7 @@ class ParallelDrafter(LinkedDrafter):
             kv = self.backbone.context_kv(feats, start[:, None] + torch.arange(n, device=dev))
             for j, i in enumerate(idx):
                 r = rows[i]
-                new = [LayerKV(l.k[j : j + 1], l.v[j : j + 1]) for l in kv]
-                r.kv = new if r.kv is None else [LayerKV(torch.cat([a.k, b.k], 2), torch.cat([a.v, b.v], 2)) for a, b in zip(r.kv, new)]
-                r.length += n
+                r.append([LayerKV(l.k[j : j + 1], l.v[j : j + 1]) for l in kv])
         self._check_context(state.request_ids, state.seqs, [r.length for r in rows], [r.kv is not None for r in rows])
         return rows
 
@@ -124,8 +154,9 @@ class ParallelDrafter(LinkedDrafter):
         if len(rows) == 1:
             return rows[0].kv, None
         out, valid = [], None
+        per_row = [r.kv for r in rows]
         for layer in range(len(self.backbone.layers)):
-            kv, valid = pad_kv([r.kv[layer] for r in rows])
+            kv, valid = pad_kv([kvs[layer] for kvs in per_row])
             out.append(kv)
         g = self.cfg.gamma
         blk = torch.ones(len(rows), g, g, dtype=torch.bool, device=valid.device)
