@@ -94,6 +94,10 @@ def test_load_local_directory_round_trip(tmp_path):
     ids = torch.tensor([[1, 4, 9]])
     torch.testing.assert_close(loaded.forward(ids).logits, t.forward(ids).logits)
     assert loaded.tokenizer is None  # weights only: token-level API still works
+    # no dtype: "auto", as training and serving (bf16 only where its products are native)
+    from dspark.target import fast_bf16
+
+    assert Target.load(str(tmp_path / "m")).dtype == (torch.bfloat16 if fast_bf16() else torch.float32)
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path):
