@@ -23,7 +23,7 @@ import time
 import torch
 
 from dspark.benchmarks import load_first_turns
-from dspark.drafters import DraftVocab, build_drafter
+from dspark.drafters import DraftVocab, build_drafter, load_drafter
 from dspark.drafters.vocab import count_tokens
 from dspark.sampling import SamplingParams
 from dspark.target import Target
@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=32768)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--draft-vocab-only", action="store_true", help="skip the full-vocabulary variants")
+    ap.add_argument("--drafters", nargs="*", default=[], metavar="DIR", help="trained drafter directories to time as well")
+    ap.add_argument("--trained-only", action="store_true", help="skip the untrained dflash / dspark / eagle3 rows")
     args = ap.parse_args()
 
     t = Target.load(args.target, dtype=args.dtype)
@@ -111,7 +113,17 @@ def main() -> None:
         ("eagle3", {}),
     ]
     vocabs = [vocab] if args.draft_vocab_only else [None, vocab]
-    for kind, kw in specs:
+    for path in args.drafters:
+        d = load_drafter(path, t)
+        gamma = args.gamma
+        args.gamma = d.cfg.gamma  # a trained drafter drafts its own block
+        name = f"{path} ({d.cfg.kind}, {d.cfg.num_layers} layers, trained)"
+        vname = "full 262k" if d.vocab.is_full else f"{d.vocab.size // 1024}k"
+        rows.append((name, vname, *time_engine(t, d, ids, args, params)))
+        args.gamma = gamma
+        print(f"{name} {vname}: {rows[-1][2]:.1f} ms", file=sys.stderr)
+        del d
+    for kind, kw in ([] if args.trained_only else specs):
         for v in vocabs:
             torch.manual_seed(0)
             d = build_drafter(kind, t, gamma=args.gamma, vocab=v, **kw)
@@ -132,10 +144,10 @@ def main() -> None:
         f"target {t.name} {t.dtype}, context {args.context}, gamma {args.gamma}, T={args.temperature:g}, "
         f"median of {args.rounds} engine rounds each (batch 1)\n"
     )
-    print("| drafter | draft vocab | propose ms / round | target forward ms | round ms | propose / forward |")
-    print("|---|---|---|---|---|---|")
+    print("| drafter | draft vocab | propose ms / round | target forward ms | round ms | propose / forward | propose / verify step |")
+    print("|---|---|---|---|---|---|---|")
     for name, vname, prop, fwd, rnd, _n in rows:
-        print(f"| {name} | {vname} | {prop:.1f} | {fwd:.1f} | {rnd:.1f} | {prop / fwd:.2f} |")
+        print(f"| {name} | {vname} | {prop:.1f} | {fwd:.1f} | {rnd:.1f} | {prop / fwd:.2f} | {prop / (rnd - prop):.3f} |")
     print(f"\n(plain decoding's target forward: {fwd0:.1f} ms for 1 token)")
 
 
