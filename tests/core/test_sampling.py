@@ -52,10 +52,16 @@ def test_inverse_cdf_frequencies_and_zero_weights():
     assert edge.tolist() == [1, 3, 3]
 
 
-def test_inverse_cdf_across_blocks_and_a_ragged_last_block():
+@pytest.mark.parametrize("flat_max", [0, 65536], ids=["two-level", "one-running-sum"])
+def test_inverse_cdf_across_blocks_and_a_ragged_last_block(flat_max, monkeypatch):
     """A vocabulary that is not a multiple of the 512-id search block, mass on both sides
-    of block boundaries and on the very last id; fp64 draws at 0 and just below 1."""
+    of block boundaries and on the very last id; fp64 draws at 0 and just below 1. Both
+    searches: the two-level one (the target's vocabulary) and the single running sum
+    (draft vocabularies up to 65,536 ids)."""
+    from dspark import sampling
     from dspark.sampling import inverse_cdf
+
+    monkeypatch.setattr(sampling, "_CDF_FLAT_MAX", flat_max)
 
     V = 1301  # blocks of 512: the last one is padded
     w = torch.zeros(V)
@@ -67,5 +73,8 @@ def test_inverse_cdf_across_blocks_and_a_ragged_last_block():
     torch.testing.assert_close(freq, (w[[5, 511, 512, 1023, 1300]] / 10).double(), atol=0.006, rtol=0)
     edge = inverse_cdf(w.repeat(3, 1), torch.tensor([0.0, 0.3, 1 - 2**-53], dtype=torch.float64))
     assert edge.tolist() == [5, 512, 1300]
+    tail = w.clone()
+    tail[1300] = 0.0  # zero weights after the last positive one: a draw just below 1 stays on it
+    assert inverse_cdf(tail.repeat(2, 1), torch.tensor([1 - 2**-53, 0.999999], dtype=torch.float64)).tolist() == [1023, 1023]
     with pytest.raises(ValueError, match="inverse_cdf"):
         inverse_cdf(w.repeat(3, 1), torch.zeros(2))

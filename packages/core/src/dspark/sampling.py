@@ -72,6 +72,7 @@ def temperature_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 _CDF_BLOCK = 512  # inverse_cdf searches block sums first, then one block
+_CDF_FLAT_MAX = 65536  # up to this many ids (a draft vocabulary), one fp64 running sum is cheaper
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -79,14 +80,22 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     w_i / sum(w). One uniform per row (the exponential race needs V): the first id whose
     running sum exceeds u * total. Zero-weight ids are never returned.
 
-    Two levels: the running sum over the blocks of 512 ids picks the block, then the
-    running sum inside that block picks the id. One pass over the weights and no [N, V]
+    Rows of 513-65,536 ids (draft vocabularies) take one fp64 running sum. Longer rows
+    (the target's vocabulary) take two levels: the running sum over the blocks of 512 ids
+    picks the block, then the running sum inside that block picks the id. One pass over the weights and no [N, V]
     running sum. Block totals are fp32 sums of 512 numbers (relative error ~1e-7), every
     running sum is fp64, so nothing drifts over a 262k vocabulary as one fp32 running sum
     would. The draw ``u`` should be fp64 too: an fp32 U[0, 1) has only 2^24 values."""
     if probs.dim() != 2 or u.shape != probs.shape[:1]:
         raise ValueError(f"inverse_cdf expects [N, V] weights and [N] draws, got {tuple(probs.shape)} and {tuple(u.shape)}")
     N, V = probs.shape
+    if _CDF_BLOCK < V <= _CDF_FLAT_MAX:
+        # one fp64 running sum over the row (~3x cheaper than the two levels at 32k ids on
+        # CPU); the same rule, and the goal kept strictly below the total as below
+        run = probs.double().cumsum(-1)
+        total = run[:, -1]
+        goal = torch.minimum(u.to(run.device, torch.float64) * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(run, goal.clamp_min(0)[:, None], right=True).squeeze(-1)
     bs = min(_CDF_BLOCK, V)
     nb = -(-V // bs)
     w = probs.float()
