@@ -180,7 +180,7 @@ def _fmt(x: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="gemma3-270m")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto (as the server): bfloat16 where native, else float32")
     ap.add_argument("--drafter", help="drafter directory (or ngram); required unless --openai-url")
     ap.add_argument("--openai-url", help="drive this running OpenAI-compatible server instead of starting ours")
     ap.add_argument("--model", default="bench", help="model name sent in requests (with --openai-url: the served name)")

@@ -21,11 +21,11 @@ import statistics
 import torch
 
 from bench_kernels import timed  # noqa: E402  (tools/ is the script directory)
-from dspark.target import Target
+from dspark.target import Target, resolve_dtype
 
 
 def load_target(args) -> Target:
-    dtype = getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, args.device)
     if not args.random_init:
         return Target.load(args.target, dtype=args.dtype, device=args.device)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--target", default="gemma3-270m")
     ap.add_argument("--random-init", default=None, metavar="CONFIG_JSON")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto (as the server): bfloat16 where native, else float32")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
