@@ -114,13 +114,11 @@ def main() -> None:
     ]
     vocabs = [vocab] if args.draft_vocab_only else [None, vocab]
     for path in args.drafters:
-        d = load_drafter(path, t)
-        gamma = args.gamma
-        args.gamma = d.cfg.gamma  # a trained drafter drafts its own block
+        d = load_drafter(path, t).to(t.dtype)
+        own = argparse.Namespace(**{**vars(args), "gamma": d.cfg.gamma})  # a trained drafter drafts its own block
         name = f"{path} ({d.cfg.kind}, {d.cfg.num_layers} layers, trained)"
         vname = "full 262k" if d.vocab.is_full else f"{d.vocab.size // 1024}k"
-        rows.append((name, vname, *time_engine(t, d, ids, args, params)))
-        args.gamma = gamma
+        rows.append((name, vname, *time_engine(t, d, ids, own, params)))
         print(f"{name} {vname}: {rows[-1][2]:.1f} ms", file=sys.stderr)
         del d
     for kind, kw in ([] if args.trained_only else specs):

@@ -82,8 +82,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     Rows of 513-65,536 ids (draft vocabularies) take one fp64 running sum. Longer rows
     (the target's vocabulary) take two levels: the running sum over the blocks of 512 ids
-    picks the block, then the running sum inside that block picks the id. One pass over the weights and no [N, V]
-    running sum. Block totals are fp32 sums of 512 numbers (relative error ~1e-7), every
+    picks the block, then the running sum inside that block picks the id. One pass over
+    the weights and no [N, V] running sum. Block totals are fp32 sums of 512 numbers (relative error ~1e-7), every
     running sum is fp64, so nothing drifts over a 262k vocabulary as one fp32 running sum
     would. The draw ``u`` should be fp64 too: an fp32 U[0, 1) has only 2^24 values."""
     if probs.dim() != 2 or u.shape != probs.shape[:1]:
