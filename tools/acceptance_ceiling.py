@@ -48,7 +48,7 @@ def tau_of(a: float, gamma: int = 7) -> float:
 def examples(target: Target, n: int) -> list[tuple[str, list[int], list[int]]]:
     """The first ``n`` prompts, in the pipeline's domain-interleaved order, that have a shipped
     response: (domain, prompt ids, response ids)."""
-    from train.data import interleave_domains, read_prompts
+    from train.data import build_example, interleave_domains, read_prompts
     from train.regenerate import load_shipped
 
     done, _ = load_shipped(REPO / "data/train/responses/gemma3-270m.jsonl", target)
@@ -58,7 +58,10 @@ def examples(target: Target, n: int) -> list[tuple[str, list[int], list[int]]]:
         rec = done.get(r["id"])
         if rec is None or not rec.response_ids:
             continue
-        out.append((r["domain"], target.encode_prompt(r["turns"][0]), list(rec.response_ids)))
+        # the pipeline's own example (prompt template + the sampled ids), never truncated
+        ex = build_example(target, r["id"], r["turns"], rec.response, 1 << 30, rec.response_ids)
+        start = ex.loss_mask.index(1)
+        out.append((r["domain"], ex.input_ids[:start], ex.input_ids[start:]))
         if len(out) == n:
             break
     return out
