@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--layers", type=int, default=2, help="draft layers for dflash / dspark")
-    ap.add_argument("--draft-vocab", type=int, default=32768)
+    ap.add_argument("--draft-vocab", type=int, default=16384)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--draft-vocab-only", action="store_true", help="skip the full-vocabulary variants")
     ap.add_argument("--drafters", nargs="*", default=[], metavar="DIR", help="trained drafter directories to time as well")
