@@ -5,7 +5,8 @@
 The same requests as ``tools/bench_serve.py`` (``Question: ...\\nAnswer:`` first turns of the
 8 benchmark files, round-robin, fixed max_tokens, seeded), c requests in flight at a time,
 at least max(8, 2c) requests per level, after one warm-up request. Prints aggregate
-completion tokens per second and tau (tokens per request round) per level. Compare it
+completion tokens per second, tau (tokens per request round) and the share of the wall
+time spent inside the engine's steps (drafter, target, sampling) per level. Compare it
 with ``bench_serve.py`` at the same settings to see what the HTTP server adds, or run it on two commits to compare engines.
 """
 
@@ -55,18 +56,20 @@ def main() -> None:
                 live -= ev.finish_reason is not None
         return toks / (time.perf_counter() - t0)
 
-    def tau() -> tuple[int, int]:
+    def tau() -> tuple[int, int, float]:
         m = svc.metrics.snapshot()
-        return m["accepted_tokens_total"], m["request_rounds_total"]
+        return m["accepted_tokens_total"], m["request_rounds_total"], m["engine_seconds_total"]
 
     run(1, 1)  # warm-up
     print(f"| engine ({args.drafter}, {args.dtype}, T={args.temperature:g}, lm-head {args.lm_head}, cpu-gemm {args.cpu_gemm}, decoder {args.decoder}) "
-          "| c | tok/s | tau |\n|---|---|---|---|")
+          "| c | tok/s | tau | inside the engine's steps |\n|---|---|---|---|---|")
     for c in args.concurrency:
-        a0, r0 = tau()
+        a0, r0, e0 = tau()
+        t0 = time.perf_counter()
         tps = run(c, max(8, 2 * c))
-        a1, r1 = tau()
-        print(f"| | {c} | {tps:.1f} | {(a1 - a0 + r1 - r0) / max(r1 - r0, 1):.2f} |", flush=True)
+        wall = time.perf_counter() - t0
+        a1, r1, e1 = tau()
+        print(f"| | {c} | {tps:.1f} | {(a1 - a0 + r1 - r0) / max(r1 - r0, 1):.2f} | {(e1 - e0) / wall:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

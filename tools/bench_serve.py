@@ -10,7 +10,9 @@ round-robin over the benchmark files) with a fixed max_tokens and temperature, o
 request after another. Reported per (policy, c): aggregate tokens/s (all completion
 tokens / wall time), per-user tokens/s (each request's tokens / its latency, averaged),
 mean verify tokens per request per step and tau (from the server's /metrics counters),
-and errors. Prints a markdown table and writes a plot (--plot).
+errors and, for our server, where its time went (its dspark_*_seconds_total counters:
+engine steps, service steps, worker steps, gaps between steps with work pending, as
+shares of the client's wall time). Prints markdown tables and writes a plot (--plot).
 
 `--openai-url URL` drives a server that is already running instead (ours, vLLM, SGLang,
 anything OpenAI-compatible) with the same requests, once per --concurrency level, so two
@@ -170,6 +172,9 @@ def run_level(base: str, prompts: list[str], c: int, args) -> dict:
         "tau": tau,
         "tau_drafted": tau_drafted,
         "wall_s": wall,
+        # ours only: the server's own time accounting over this level, seconds
+        "time_s": {k: d[f"dspark_{k}_seconds_total"] for k in ("engine", "service", "worker", "loop_gap")
+                   if f"dspark_{k}_seconds_total" in d},
     }
 
 
@@ -256,6 +261,17 @@ def main() -> None:
     for pol, rows in results.items():
         print(f"| {pol} | " + " | ".join(f"{_fmt(rows[c]['verify_per_req_step'])} ({_fmt(rows[c]['tau'])}; "
                                          f"{_fmt(rows[c]['tau_drafted'])})" for c in cs) + " |")
+    if any(r.get("time_s") for rows in results.values() for r in rows.values()):
+        print("\nWhere the server's time went, as shares of the client's wall time: inside the engine's steps /"
+              " + admission and detokenisation / + output hand-off / between steps with work pending:\n")
+        print("| policy | " + " | ".join(f"c={c}" for c in cs) + " |")
+        print("|---|" + "---|" * len(cs))
+        for pol, rows in results.items():
+            cells = []
+            for c in cs:
+                t, w = rows[c].get("time_s") or {}, rows[c]["wall_s"]
+                cells.append(" / ".join(f"{t[k] / w:.0%}" if k in t else "n/a" for k in ("engine", "service", "worker", "loop_gap")))
+            print(f"| {pol} | " + " | ".join(cells) + " |")
     errs = sum(r["errors"] for rows in results.values() for r in rows.values())
     codes: dict[str, int] = {}
     for rows in results.values():

@@ -80,7 +80,10 @@ def test_bench_serve_drives_a_running_openai_server(server, api, tmp_path):
     for c in ("1", "2"):
         assert res[c]["errors"] == 0 and res[c]["requests"] == 4 and res[c]["agg_tps"] > 0
         assert res[c]["tau"] is not None and res[c]["tau"] >= 1.0  # from the dspark_* counters
-    assert "| ours-tiny |" in proc.stdout
+        t = res[c]["time_s"]  # the server's own time accounting, nested: engine <= service <= worker
+        assert 0 < t["engine"] <= t["service"] <= t["worker"] and t["loop_gap"] >= 0
+        assert t["worker"] + t["loop_gap"] <= res[c]["wall_s"] * 1.05 + 0.05
+    assert "| ours-tiny |" in proc.stdout and "Where the server's time went" in proc.stdout
 
 
 def test_api_key_is_required(server):

@@ -183,6 +183,10 @@ def test_prometheus_text_is_well_formed(target):
     for line in text.splitlines():
         if line and not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])  # every sample has a numeric value
+    snap = svc.metrics.snapshot()
+    # time accounting: the engine's steps are part of the service's steps
+    assert 0 < snap["engine_seconds_total"] <= snap["service_seconds_total"]
+    assert "dspark_engine_seconds_total" in names and "dspark_loop_gap_seconds_total" in names
 
 
 class _CharTokenizer:

@@ -169,6 +169,7 @@ class SpeculativeAPI(ls.LitAPI):
         self.service = build_service(self.settings, device if str(device).startswith("cuda") else "cpu")
         self._acks: deque[Output] = deque()
         self._last_metrics = 0.0
+        self._pending_since: float | None = None  # end of the last step that left work pending
         self._write_metrics(force=True)
 
     # the loop calls these ---------------------------------------------------------
@@ -200,6 +201,18 @@ class SpeculativeAPI(ls.LitAPI):
         return pool.submit(self._step, prev_outputs).result()
 
     def _step(self, prev_outputs: list[Output] | None) -> list[Output]:
+        t0 = time.perf_counter()
+        m = self.service.metrics
+        if self._pending_since is not None:
+            m.loop_gap_seconds += t0 - self._pending_since
+        outs, finished = self._step_inner()
+        m.worker_seconds += time.perf_counter() - t0
+        pending = self.service.has_work()
+        self._write_metrics(force=finished or not pending)  # after the accounting, so a snapshot holds whole steps
+        self._pending_since = time.perf_counter() if pending else None
+        return outs
+
+    def _step_inner(self) -> tuple[list[Output], bool]:
         outs: list[Output] = []
         while self._acks:
             outs.append(self._acks.popleft())
@@ -219,8 +232,7 @@ class SpeculativeAPI(ls.LitAPI):
             if ev.finish_reason is not None:
                 finished = True
                 outs.append(Output(ev.uid, {}, LitAPIStatus.FINISH_STREAMING))
-        self._write_metrics(force=finished or not self.service.has_work())
-        return outs
+        return outs, finished
 
     def encode_response(self, output: Any) -> Any:
         return output

@@ -259,6 +259,11 @@ def prometheus_text(snap: dict[str, Any], http: dict[str, int] | None = None) ->
     metric("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.", [("", snap.get("tokens_per_second", 0.0))])
     metric("active_requests", "gauge", "Requests decoding now.", [("", snap.get("active_requests", 0))])
     metric("queue_depth", "gauge", "Requests waiting for a decoding slot.", [("", snap.get("queued_requests", 0))])
+    for key, help_ in (("engine_seconds_total", "Seconds inside the engine's steps (drafter, target, sampling)."),
+                       ("service_seconds_total", "Seconds inside the service's steps (engine plus admission and detokenisation)."),
+                       ("worker_seconds_total", "Seconds inside the inference worker's steps (service plus output hand-off)."),
+                       ("loop_gap_seconds_total", "Seconds between a worker step's end and the next step's start while work was pending.")):
+        metric(key, "counter", help_, [("", snap.get(key, 0.0))])
     for k, v in (http or {}).items():
         metric(f"http_{k}", "gauge", f"HTTP layer: {k.replace('_', ' ')}.", [("", v)])
     return "\n".join(lines) + "\n"

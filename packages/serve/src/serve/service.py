@@ -154,6 +154,15 @@ class ServeMetrics:
         self.window_s = window_s
         self.active = 0
         self.queued = 0
+        # where a serving process's time goes (seconds, summed since start): inside the
+        # engine's step (drafter + target + sampling), inside the whole service step (adds
+        # admission and detokenisation), inside the worker's step (adds LitServe outputs and
+        # this file's write; set by serve.api), and between a step's end and the next step's
+        # start while work was pending (the serving loop's own overhead; set by serve.api)
+        self.engine_seconds = 0.0
+        self.service_seconds = 0.0
+        self.worker_seconds = 0.0
+        self.loop_gap_seconds = 0.0
 
     def record_step(self, rounds: Sequence[tuple[int, int, int]], new_tokens: int) -> None:
         now = time.monotonic()
@@ -194,6 +203,10 @@ class ServeMetrics:
             "tokens_per_second": self.tokens_per_second(),
             "active_requests": self.active,
             "queued_requests": self.queued,
+            "engine_seconds_total": self.engine_seconds,
+            "service_seconds_total": self.service_seconds,
+            "worker_seconds_total": self.worker_seconds,
+            "loop_gap_seconds_total": self.loop_gap_seconds,
         }
 
 
@@ -288,6 +301,13 @@ class ServeEngine:
     def step(self) -> list[Event]:
         """Apply cancels, admit waiting requests up to max_batch, run one engine step and
         return the events (text deltas and finishes) it produced."""
+        t0 = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.metrics.service_seconds += time.perf_counter() - t0
+
+    def _step(self) -> list[Event]:
         events: list[Event] = []
         with self._lock:
             cancels, self._cancels = self._cancels, set()
@@ -319,7 +339,9 @@ class ServeEngine:
         if not self.engine.has_unfinished():
             self.metrics.active = len(self._live)
             return events
+        t0 = time.perf_counter()
         gained = self.engine.step()
+        self.metrics.engine_seconds += time.perf_counter() - t0
         self.metrics.record_step(self.engine.last_round, sum(len(t) for t in gained.values()))
         for rid, toks in gained.items():
             uid = self._by_rid.get(rid)
