@@ -156,9 +156,9 @@ class ServeMetrics:
         self.queued = 0
         # where a serving process's time goes (seconds, summed since start): inside the
         # engine's step (drafter + target + sampling), inside the whole service step (adds
-        # admission and detokenisation), inside the worker's step (adds LitServe outputs and
-        # this file's write; set by serve.api), and between a step's end and the next step's
-        # start while work was pending (the serving loop's own overhead; set by serve.api)
+        # admission and detokenisation), inside the worker's step (adds the hand-off of its
+        # outputs to LitServe; set by serve.api), and between a worker step's end and the next
+        # step's start while work was pending (the serving loop's own overhead; set by serve.api)
         self.engine_seconds = 0.0
         self.service_seconds = 0.0
         self.worker_seconds = 0.0
