@@ -38,15 +38,14 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from dspark.drafters import DraftVocab, build_drafter
-    from dspark.drafters.vocab import count_tokens
+    from dspark.drafters import build_drafter
     from dspark.prompts import PromptFormat
     from dspark.target import Target
     from train.config import repo_path
     from train.features import FeatureCache, TopkCache, build, build_topk
     from train.fit import ExampleDataset, collate
     from train.module import DistillModule
-    from train.pipeline import _examples, _prompts_and_responses
+    from train.pipeline import _draft_vocab, _examples, _prompts_and_responses
 
     with initialize_config_dir(config_dir=str(repo_path("conf")), version_base=None):
         cfg = compose("config", overrides=[f"experiment=gemma_{args.drafter}", *args.override])
@@ -56,11 +55,10 @@ def main() -> None:
     examples = _examples(target, train_rows, responses, cfg.data.max_length)
     feats = FeatureCache(build(target, examples, list(dc.feature_layers), repo_path(cfg.output_dir).parent / "features",
                                storage=cfg.trainer.feature_storage, shard_tokens=cfg.trainer.feature_shard_tokens), dtype=target.dtype)
-    topk = TopkCache(build_topk(target, examples, feats, args.topk), feats)
-    vocab = None
-    if dc.get("draft_vocab_size"):
-        vocab = DraftVocab.from_counts(count_tokens((e.input_ids for e in examples), target.vocab_size), dc.draft_vocab_size,
-                                       always=target.eos_token_ids)
+    vocab = _draft_vocab(cfg, target, examples)
+    # the top-k cache the pipeline builds (trainer.target_topk_scope); a step costs the same either way
+    vids = vocab.ids if vocab is not None and cfg.trainer.get("target_topk_scope", "full") == "draft_vocab" else None
+    topk = TopkCache(build_topk(target, examples, feats, args.topk, vocab_ids=vids), feats, vids)
     extra = {} if dc.name == "eagle3" else {k: dc[k] for k in ("num_layers", "head", "rank", "mask_token_id") if k in dc}
     per_mode = {}
     for mode, cache in (("exact", None), (f"top-{topk.k}", topk)):

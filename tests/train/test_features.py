@@ -178,3 +178,34 @@ def test_topk_cache_holds_the_targets_top_log_probs_where_training_reads_them(ta
     other = F.FeatureCache(F.build(target, exs[:3], LAYERS, tmp_path, progress=False))
     with pytest.raises(F.FeatureCacheError, match="belongs to features"):
         F.TopkCache(tdir, other)
+
+
+def test_topk_cache_conditioned_on_a_draft_vocabulary(target, tmp_path):
+    """build_topk(vocab_ids=...) stores the target's distribution restricted to the draft
+    vocabulary and renormalised over it, computing only those rows of the LM head; readers
+    with another vocabulary (or none) are refused."""
+    exs = examples()
+    cache = F.FeatureCache(F.build(target, exs, LAYERS, tmp_path, shard_tokens=40, batch_size=3, progress=False), dtype=torch.float32)
+    vocab = torch.tensor([7, 3, 60, 12, 1, 33, 20, 45, 9, 50])  # draft order, not sorted
+    k = 4
+    tdir = F.build_topk(target, exs, cache, k, progress=False, vocab_ids=vocab)
+    assert tdir != F.build_topk(target, exs, cache, k, progress=False)  # the full-vocabulary cache lives apart
+    top = F.TopkCache(tdir, cache, vocab)
+    assert top.scope == "draft_vocab" and top.m["vocab_size"] == len(vocab)
+    for i, e in enumerate(exs):
+        ids, logp = top[i]
+        _, h = cache[i]
+        sub = torch.log_softmax(target.lm_head(h).float()[:, vocab], -1)  # the full head, then restricted: same values
+        want = sub.topk(k, -1)
+        need = torch.tensor(e.loss_mask[1:] + [0], dtype=torch.bool)
+        assert torch.equal(ids[need], vocab[want.indices[need]])
+        torch.testing.assert_close(logp[need], want.values[need], atol=2e-5, rtol=1e-5)
+        # a proper distribution over the vocabulary: the k values are its largest, and sum below 1
+        assert bool((logp[need].exp().sum(-1) <= 1 + 1e-5).all()) and bool(torch.isin(ids[need], vocab).all())
+        assert bool(torch.isinf(logp[~need]).all())
+    with pytest.raises(F.FeatureCacheError, match="conditioned on draft vocabulary"):
+        F.TopkCache(tdir, cache, vocab.flip(0))
+    with pytest.raises(F.FeatureCacheError, match="the full vocabulary"):
+        F.TopkCache(tdir, cache)
+    with pytest.raises(F.FeatureCacheError, match="vocab_ids must be"):
+        F.build_topk(target, exs, cache, k, progress=False, vocab_ids=torch.tensor([3, 64]))

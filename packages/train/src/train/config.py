@@ -51,6 +51,7 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.features", cfg.trainer.features in ("offline", "online"), "offline or online"),
         ("trainer.feature_storage", cfg.trainer.get("feature_storage", "bfloat16") in ("bfloat16", "float8_e4m3fn"), "bfloat16 or float8_e4m3fn"),
         ("trainer.target_topk", int(cfg.trainer.get("target_topk", 0)) >= 0, ">= 0 (0: the exact target distribution)"),
+        ("trainer.target_topk_scope", cfg.trainer.get("target_topk_scope", "full") in ("draft_vocab", "full"), "draft_vocab or full"),
         ("eval.temperatures", all(float(t) >= 0 for t in cfg.eval.temperatures), ">= 0"),
         ("eval.ngram_fallback", int(cfg.eval.get("ngram_fallback", 0) or 0) >= 0, ">= 0 (0: off)"),
     ]

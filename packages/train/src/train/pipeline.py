@@ -138,8 +138,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 from train.features import TopkCache, build_topk
 
                 t_k = time.perf_counter()
-                topk = TopkCache(build_topk(target, examples, features, k, progress=cfg.progress), features)
-                _log(f"target top-{topk.k} log-probs: {topk.path} ({topk.m['rows_filled']} rows; {time.perf_counter() - t_k:.0f} s)")
+                vocab = _draft_vocab(cfg, target, examples)
+                vids = vocab.ids if vocab is not None and cfg.trainer.get("target_topk_scope", "full") == "draft_vocab" else None
+                topk = TopkCache(build_topk(target, examples, features, k, progress=cfg.progress, vocab_ids=vids), features, vids)
+                over = "the full vocabulary" if vids is None else f"the {len(vids)}-token draft vocabulary"
+                _log(f"target top-{topk.k} log-probs over {over}: {topk.path} ({topk.m['rows_filled']} rows; {time.perf_counter() - t_k:.0f} s)")
 
         if world > 1:  # the other ranks of a launched run wait for this, then join the fit
             done = fit_stage.done() and ckpt_dir.exists()
@@ -216,15 +219,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _new_module(cfg: DictConfig, target: Any, examples: list) -> Any:
     """A fresh drafter wrapped in its Lightning module; deterministic in (cfg, examples), so
     every process of a launched run builds the same one."""
-    from dspark.drafters import DraftVocab, build_drafter
-    from dspark.drafters.vocab import count_tokens
+    from dspark.drafters import build_drafter
     from train.module import DistillModule
 
     dc = cfg.drafter
-    vocab = None
-    if dc.draft_vocab_size:
-        counts = count_tokens((e.input_ids for e in examples), target.vocab_size)
-        vocab = DraftVocab.from_counts(counts, dc.draft_vocab_size, always=target.eos_token_ids)
+    vocab = _draft_vocab(cfg, target, examples)
     # eagle3 is one layer by definition; the others take their sizes from the config
     extra = {} if dc.name == "eagle3" else {k: dc[k] for k in ("num_layers", "head", "rank", "mask_token_id") if k in dc}
     drafter = build_drafter(dc.name, target, gamma=dc.gamma, feature_layers=list(dc.feature_layers), vocab=vocab, **extra)
@@ -236,6 +235,19 @@ def _new_module(cfg: DictConfig, target: Any, examples: list) -> Any:
         total_steps=cfg.trainer.max_steps, anchors_per_seq=cfg.trainer.anchors_per_seq,
         loss_weights=tuple(dc.get("loss_weights", (0.1, 0.9, 1.0))), ttt_steps=dc.get("ttt_steps", 7), seed=cfg.seed,
     )
+
+
+def _draft_vocab(cfg: DictConfig, target: Any, examples: list) -> Any:
+    """The drafter's vocabulary: the ``drafter.draft_vocab_size`` most frequent ids of the
+    examples (EOS always in), or None for the full vocabulary. Deterministic in its inputs."""
+    from dspark.drafters import DraftVocab
+    from dspark.drafters.vocab import count_tokens
+
+    size = cfg.drafter.get("draft_vocab_size")
+    if not size:
+        return None
+    counts = count_tokens((e.input_ids for e in examples), target.vocab_size)
+    return DraftVocab.from_counts(counts, size, always=target.eos_token_ids)
 
 
 def _fit_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -324,9 +336,10 @@ def _follow(cfg: DictConfig, rank: int) -> None:
         from train.features import FeatureCache, TopkCache
 
         features = FeatureCache(Path(info["features"]), dtype=target.dtype)
-        if info.get("topk"):
-            topk = TopkCache(Path(info["topk"]), features)
     module = _new_module(cfg, target, examples)
+    if features is not None and info.get("topk"):
+        vocab = module.drafter.vocab
+        topk = TopkCache(Path(info["topk"]), features, None if vocab is None or vocab.is_full else vocab.ids)
     fit(module, examples, out / "lightning", cfg.trainer.max_steps, cfg.trainer.batch_size, logger=False,
         features=features, topk=topk, run_key=key, **_fit_kwargs(cfg))
     _log(f"rank {rank}: fit done")
@@ -545,9 +558,12 @@ def _trainer_key(tr: DictConfig) -> dict:
     d.pop("log_every", None)  # how often metrics are logged never changes the drafter
     for k in ("accelerator", "devices", "num_nodes", "strategy", "prepare_timeout_s"):
         d.pop(k, None)  # nor how many processes share the global batch (same drafter; a run may resume on another count)
+    if d.get("target_topk_scope", "full") == "full":  # the setting's value before it existed: old keys stay valid
+        d.pop("target_topk_scope", None)
     if d.get("features") != "offline":  # online steps read exact targets: no cache, no top-k
         d.pop("feature_storage", None)
         d.pop("target_topk", None)
+        d.pop("target_topk_scope", None)
     return d
 
 
