@@ -38,6 +38,16 @@ def with_outside_mass(draft_logits: torch.Tensor, target_full_logits: torch.Tens
     """draft_logits [..., K] over the draft vocabulary, target_full_logits [..., V] ->
     ([..., K+1], [..., K+1]): column K is the target's log-mass outside the vocabulary
     and -inf for the draft."""
+    return draft_with_outside(draft_logits), target_with_outside(target_full_logits, vocab_ids)
+
+
+def draft_with_outside(draft_logits: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [..., K+1]: the draft gives the outside-vocabulary column no mass."""
+    return torch.cat([draft_logits, torch.full_like(draft_logits[..., :1], -math.inf)], -1)
+
+
+def target_with_outside(target_full_logits: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [..., K+1]: the vocabulary's logits, then the log-mass outside it."""
     inside = target_full_logits.index_select(-1, vocab_ids)
     if vocab_ids.numel() < target_full_logits.shape[-1]:
         # log(Z_all - Z_inside) without copying the outside columns out of the row; the
@@ -47,8 +57,7 @@ def with_outside_mass(draft_logits: torch.Tensor, target_full_logits: torch.Tens
         rest = (lse_all + torch.log1p(-torch.exp(lse_in - lse_all).clamp_max(1.0))).to(inside.dtype)
     else:
         rest = torch.full_like(inside[..., :1], -math.inf)
-    neg = torch.full_like(draft_logits[..., :1], -math.inf)
-    return torch.cat([draft_logits, neg], -1), torch.cat([inside, rest], -1)
+    return torch.cat([inside, rest], -1)
 
 
 class _PickLogProbs(torch.autograd.Function):
