@@ -203,3 +203,28 @@ def test_unseeded_batchmate_does_not_change_a_seeded_request():
         e = SpeculativeEngine(target, NgramDrafter(num_tokens=4), 4)
         outs.append(run_until_done(e, [e.add_request(PROMPTS[1], cfg)])[0])
     assert outs[0] != outs[1]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_large_batches_verify_slot_by_slot_with_the_same_output(target, temperature, monkeypatch):
+    """Batches of at least ``wave_min_batch`` requests verify slot by slot (the target's LM
+    head only for requests still accepting); with the same seeds every request gets exactly
+    the tokens of the one-product verification (drawn the same way), and greedy output
+    stays the AR output."""
+    calls = []
+    for name in ("_verify_by_slot", "_decide_greedy_by_slot"):
+        real = getattr(SpeculativeEngine, name)
+        monkeypatch.setattr(SpeculativeEngine, name, lambda self, *a, _r=real, **k: calls.append(1) or _r(self, *a, **k))
+    prompts = [PROMPTS[i % 3] + [40 + i] for i in range(18)]
+    cfg = GenerationConfig(max_new_tokens=24, sampling=SamplingParams(temperature=temperature), stop_token_ids=[], seed=11)
+    runs = {}
+    for waves in (0, 1, 2):
+        eng = SpeculativeEngine(target, RandomDrafter(64, k=4, seed=0) if temperature else DeterministicDrafter(64, k=4, seed=0), 4)
+        eng.wave_verify = waves
+        assert eng.wave_min_batch <= len(prompts)
+        n = len(calls)
+        runs[waves] = [r.tokens for r in eng.generate(prompts, cfg)]
+        assert (len(calls) > n) == bool(waves)
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+    if temperature == 0:
+        assert runs[0] == [ar_generate(target, p, cfg).tokens for p in prompts]

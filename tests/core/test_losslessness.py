@@ -52,10 +52,15 @@ def exact_distribution(target, params: SamplingParams, prompt: list[int] = PROMP
     return joint
 
 
-def sample_counts(target, drafter, params: SamplingParams, seed: int = 0, screen_verify: int | None = None) -> torch.Tensor:
+def sample_counts(target, drafter, params: SamplingParams, seed: int = 0, screen_verify: int | None = None,
+                  wave_verify: int = 0) -> torch.Tensor:
+    """``wave_verify`` 0: every slot from full logits in one verify() (the engine's path
+    below ``wave_min_batch`` requests); > 0: the slot-by-slot path of large batches (all
+    N_SAMPLES requests decode as one batch here)."""
     engine = SpeculativeEngine(target, drafter, num_draft=2, cache_mode="recompute")
     if screen_verify is not None:
         engine.screen_verify = screen_verify
+    engine.wave_verify = wave_verify
     cfg = GenerationConfig(max_new_tokens=N_TOK, sampling=params, stop_token_ids=[], seed=seed)
     results = engine.generate([PROMPT] * N_SAMPLES, cfg)
     counts = torch.zeros(V, V, V, dtype=torch.float64)
@@ -101,6 +106,45 @@ def test_speculative_sampling_matches_ar_distribution(target, kind, pname):
     p = chi2_pvalue(counts, exact)
     tv = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
     assert p > 1e-3, f"{kind}/{pname}: chi-square p={p:.2e}, TV={tv:.4f}"
+
+
+@pytest.mark.parametrize("pname", list(PARAMS))
+@pytest.mark.parametrize("kind,waves", [("random", 1), ("peaked_wrong", 2), ("one_hot", 1), ("deterministic", 2)])
+def test_slot_by_slot_verification_matches_ar_distribution(target, kind, waves, pname, monkeypatch):
+    """Large sampled batches verify their first ``waves`` slots one at a time through the
+    exact head, for the requests still accepting (dspark.verify.verify_slot), the rest in
+    one product."""
+    params = PARAMS[pname]
+    calls = []
+    real = verify_mod.verify_slot
+    import dspark.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "verify_slot", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = sample_counts(target, make_drafter(kind, target, params), params, wave_verify=waves)
+    assert calls  # the slot-by-slot path ran
+    p = chi2_pvalue(counts, exact_distribution(target, params))
+    assert p > 1e-3, f"{kind}/{pname}/{waves} slots: chi-square p={p:.2e}"
+
+
+def test_detects_slot_by_slot_verification_without_residual(target, monkeypatch):
+    """Power: the slot-wise path resampling from p_t instead of max(p_t - p_d, 0) fails."""
+    params = PARAMS["T1"]
+    monkeypatch.setattr(ref_mod, "residual", lambda p, q: p)
+    counts = sample_counts(target, make_drafter("peaked_wrong", target, params), params, wave_verify=2)
+    assert chi2_pvalue(counts, exact_distribution(target, params)) < 1e-6
+
+
+def test_verify_slot_rejects_bad_input():
+    logits, u, noise = torch.zeros(3, V), torch.rand(3), torch.rand(3, dtype=torch.float64)
+    tok = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="greedy"):
+        verify_mod.verify_slot(logits, tok, None, SamplingParams(temperature=0.0), u, noise)
+    with pytest.raises(ValueError, match="target_logits must be"):
+        verify_mod.verify_slot(logits, tok[:2], None, PARAMS["T1"], u, noise)
+    with pytest.raises(ValueError, match="draft_probs must be"):
+        verify_mod.verify_slot(logits, tok, torch.zeros(3, V + 1), PARAMS["T1"], u, noise)
+    with pytest.raises(ValueError, match="u must be"):
+        verify_mod.verify_slot(logits, tok, None, PARAMS["T1"], u[:2], noise)
 
 
 def test_without_drafter_matches_ar_distribution(target):

@@ -30,9 +30,9 @@ from dspark.generate import GenerationConfig, GenerationResult, check_prompt
 from dspark.metrics import SpecStats
 from dspark.scheduler import PrefixScheduler
 from dspark import kernels
-from dspark.sampling import SamplingParams
+from dspark.sampling import SamplingParams, probs_from_logits
 from dspark.target import Target
-from dspark.verify import VerifyOutput, verify
+from dspark.verify import VerifyOutput, draws, pick, verify, verify_slot
 
 CacheMode = Literal["kv", "recompute"]
 _DRAFT_SEED_SALT = 0x5DEECE66D  # a request's draft generator: seeded from its seed, never equal to it
@@ -257,6 +257,14 @@ class SpeculativeEngine:
         # sampled rounds with drafts: how many leading slots are verified through the LM
         # head's screen before the rest goes through the full head (0: full head only)
         self.screen_verify = 2
+        # sampled rounds of at least ``wave_min_batch`` requests (too many rows for the
+        # screen): the first ``wave_verify`` slots are verified one at a time through the
+        # exact LM head, only for the requests still accepting, and the rest in one product.
+        # At batch 32 and gamma 7 that computes ~70 of the 256 rows of the 262k-row head.
+        # Below the threshold one product over every slot is cheaper (each slot-wise
+        # product reads the whole head again, and at a few rows reading it is the cost).
+        self.wave_verify = 2
+        self.wave_min_batch = 16
 
     def _propose(self, state: DraftState) -> Proposal:
         if self.drafter is None or state.max_draft == 0:
@@ -432,11 +440,17 @@ class SpeculativeEngine:
         if rows and self.target.screens(rows, params):
             hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
             res = self._decide(hidden, prop.tokens, lens, params, gens)
+        elif params.greedy and self._waves(len(reqs), lens):
+            hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
+            res = self._decide_greedy_by_slot(hidden, prop.tokens, lens, params)
         elif not params.greedy and self.screen_verify and self.target.screens(len(reqs), params):
             # sampled drafts: the first slots verified through the screen, one slot at a
             # time, the full LM head only for the slots reached past them
             hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
             res = self._verify_screened(hidden, prop.tokens, lens, prop.probs, params, gens)
+        elif not params.greedy and self._waves(len(reqs), lens):
+            hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
+            res = self._verify_by_slot(hidden, prop.tokens, lens, prop.probs, params, gens)
         else:
             logits, feats = runner.score(ids, seqs, drafts, k)
             res = verify(logits, prop.tokens, lens, prop.probs, params, gens)  # stops: per request, below
@@ -458,6 +472,86 @@ class SpeculativeEngine:
             out[r.rid] = new
             self._emit(r, new, cut is not None)
         return out
+
+    def _waves(self, batch: int, lens: torch.Tensor) -> bool:
+        """Whether this round verifies slot by slot (see ``wave_verify``)."""
+        return bool(self.wave_verify) and batch >= self.wave_min_batch and bool((lens > 0).any())
+
+    def _decide_greedy_by_slot(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, params: SamplingParams) -> VerifyOutput:
+        """:meth:`_decide` for greedy rounds of large batches: the target's argmax slot by
+        slot, only for the requests whose drafts all matched so far; after ``wave_verify``
+        slots, every remaining slot of the survivors in one product. The same decisions
+        as comparing every slot at once (accept while the draft equals the argmax)."""
+        B, k1 = hidden.shape[0], hidden.shape[1]
+        out = torch.full((B, k1), -1, dtype=torch.long)
+        n_acc = torch.zeros(B, dtype=torch.long)
+        tokens, lens = tokens.cpu(), lens.cpu()
+        active = list(range(B))
+        for pos in range(k1):
+            if not active:
+                break
+            if pos >= self.wave_verify:
+                sub_lens = lens[active] - pos
+                slots = torch.arange(k1 - pos)[None, :] <= sub_lens[:, None]
+                choice = torch.zeros((len(active), k1 - pos), dtype=torch.long)
+                choice[slots] = self.target.next_tokens(hidden[active, pos:][slots], params).cpu()
+                o, n = kernels.rejection_greedy(choice, tokens[active, pos:], sub_lens)
+                out[active, pos:] = o
+                n_acc[active] += n
+                break
+            choice = self.target.next_tokens(hidden[active, pos], params).cpu()
+            still = []
+            for j, i in enumerate(active):
+                out[i, pos] = choice[j]
+                if int(lens[i]) > pos and int(choice[j]) == int(tokens[i, pos]):
+                    n_acc[i] += 1
+                    still.append(i)
+            active = still
+        return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
+
+    def _verify_by_slot(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor,
+                        probs: torch.Tensor | None, params: SamplingParams, gens) -> VerifyOutput:
+        """:func:`verify` at T > 0 for large batches, from the final hidden states: slot by
+        slot, the target's logits only for the requests still accepting
+        (:func:`dspark.verify.verify_slot`); after ``wave_verify`` slots, every remaining
+        slot of the survivors in one product. The random numbers are drawn up front as
+        :func:`verify` draws them, so the output is the one :func:`verify` would give."""
+        B, k1 = hidden.shape[0], hidden.shape[1]
+        dev = hidden.device
+        lens_c = lens.cpu()
+        u, noise = draws(lens_c.to(dev), k1 - 1, self.target.vocab_size, gens, dev)
+        tokens = tokens.to(dev)
+        out = torch.full((B, k1), -1, dtype=torch.long)
+        n_acc = torch.zeros(B, dtype=torch.long)
+        active = list(range(B))
+        for pos in range(k1):
+            if not active:
+                break
+            bonus = [i for i in active if int(lens_c[i]) == pos]
+            if bonus:  # every draft accepted: the bonus token, from the target's distribution
+                p = probs_from_logits(self.target.lm_head(hidden[bonus, pos])[:, None], params)[:, 0]
+                out[bonus, pos] = pick(p, noise[bonus]).cpu()
+            ver = [i for i in active if int(lens_c[i]) > pos]
+            if not ver:
+                break
+            if pos >= self.wave_verify:
+                p = probs_from_logits(self.target.lm_head(hidden[ver, pos:]), params)  # [A, k1 - pos, V]
+                q = None if probs is None else probs[ver, pos:].float().to(dev)
+                o, n = kernels.rejection_sample(p, tokens[ver, pos:], (lens_c[ver] - pos).to(dev), q, u[ver, pos:], noise[ver])
+                out[ver, pos:] = o.cpu()
+                n_acc[ver] += n.cpu()
+                break
+            q = None if probs is None else probs[ver, pos].float().to(dev)
+            ok, tok = verify_slot(self.target.lm_head(hidden[ver, pos]), tokens[ver, pos], q, params, u[ver, pos], noise[ver])
+            ok, tok = ok.cpu(), tok.cpu()
+            still = []
+            for j, i in enumerate(ver):
+                out[i, pos] = tok[j]
+                if ok[j]:
+                    n_acc[i] += 1
+                    still.append(i)
+            active = still
+        return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
 
     def _decide(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, params: SamplingParams, gens) -> VerifyOutput:
         """:func:`verify` for the rounds that need only the target's own choices: the argmax

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from dspark import kernels
-from dspark.sampling import Generators, SamplingParams, exponential, probs_from_logits, uniform64, uniform_ragged
+from dspark.kernels import reference
+from dspark.sampling import Generators, SamplingParams, exponential, inverse_cdf, probs_from_logits, uniform64, uniform_ragged
 
 
 @dataclass
@@ -76,11 +77,7 @@ def verify(
         tokens, n_acc = kernels.rejection_greedy(target_logits.argmax(-1), draft_tokens, draft_lens)
     else:
         p = probs_from_logits(target_logits, params)  # [B, K+1, V] fp32
-        u = uniform_ragged(draft_lens, K, generator, device)
-        if device.type == "cuda":  # Exp(1) noise for the Triton kernel's race: cheap on a GPU
-            noise = exponential((B, p.shape[-1]), generator, device)
-        else:  # one fp64 uniform per row (inverse CDF): V exponentials per row cost ~8 ms on a CPU
-            noise = uniform64(generator, B, device)
+        u, noise = draws(draft_lens, K, p.shape[-1], generator, device)
         q = None if draft_probs is None else draft_probs.float().to(device)
         tokens, n_acc = kernels.rejection_sample(p, draft_tokens, draft_lens, q, u, noise)
     n_emit = n_acc + 1
@@ -93,3 +90,69 @@ def verify(
         n_emit = torch.where(stopped, first + 1, n_emit)
         tokens = torch.where(torch.arange(K + 1, device=device)[None, :] < n_emit[:, None], tokens, -1)
     return VerifyOutput(tokens=tokens, num_accepted=n_acc, num_emitted=n_emit, stopped=stopped)
+
+
+
+def draws(draft_lens: torch.Tensor, K: int, vocab_size: int, generator: Generators, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers one sampled verification uses, drawn in :func:`verify`'s order:
+    ([B, K] U[0, 1) acceptance draws, row b drawing draft_lens[b] of them; the correction /
+    bonus noise: [B, V] Exp(1) on CUDA, else [B] fp64 U[0, 1))."""
+    u = uniform_ragged(draft_lens, K, generator, device)
+    if device.type == "cuda":  # Exp(1) noise for the Triton kernel's race: cheap on a GPU
+        noise = exponential((len(draft_lens), vocab_size), generator, device)
+    else:  # one fp64 uniform per row (inverse CDF): V exponentials per row cost ~8 ms on a CPU
+        noise = uniform64(generator, len(draft_lens), device)
+    return u, noise
+
+
+def pick(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """[A, V] non-negative weights and their rows of :func:`draws`' noise -> [A] ids."""
+    return (weights / noise).argmax(-1) if noise.dim() == 2 else inverse_cdf(weights, noise)
+
+
+def verify_slot(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    params: SamplingParams,
+    u: torch.Tensor,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draft slot of :func:`verify`, for callers that compute the target's logits slot
+    by slot and stop at a request's first rejection (most rounds end there).
+
+    target_logits [A, V] at the slot; draft_tokens [A]; draft_probs [A, V] the exact draft
+    distributions, or None (deterministic drafter: one-hot); u [A] the rows' acceptance
+    draws for this slot and noise their correction noise, both from :func:`draws`. Accepts
+    x when u p_d(x) < p_t(x); a rejected row gets its correction from normalize(max(p_t -
+    p_d, 0)). Returns (accepted [A] bool, token [A]: the draft where accepted, else the
+    correction). With the same draws, chaining slots this way (and :func:`pick` from p_t
+    for the bonus once every draft is accepted) makes the same decisions as one
+    :func:`verify` call over all slots, so a request's output does not depend on which of
+    the two its batch took."""
+    if params.greedy:
+        raise ValueError("verify_slot is for sampled rounds; greedy rounds compare argmaxes (kernels.rejection_greedy)")
+    A = draft_tokens.shape[0]
+    if target_logits.dim() != 2 or target_logits.shape[0] != A:
+        raise ValueError(f"target_logits must be [A={A}, V], got {tuple(target_logits.shape)}")
+    if draft_probs is not None and draft_probs.shape != target_logits.shape:
+        raise ValueError(f"draft_probs must be [A, V] = {tuple(target_logits.shape)}, got {tuple(draft_probs.shape)}")
+    if u.shape != (A,) or noise.shape[0] != A:
+        raise ValueError(f"u must be [A={A}] and noise [A] or [A, V], got {tuple(u.shape)} and {tuple(noise.shape)}")
+    device = target_logits.device
+    p = probs_from_logits(target_logits[:, None], params)[:, 0]  # [A, V] fp32
+    tok = draft_tokens.to(device).long()
+    p_x = p.gather(-1, tok[:, None])[:, 0]
+    q = None if draft_probs is None else draft_probs.float().to(device)
+    q_x = torch.ones_like(p_x) if q is None else q.gather(-1, tok[:, None])[:, 0]
+    ok = u.to(device) * q_x < p_x
+    out = tok.clone()
+    bad = (~ok).nonzero().flatten()
+    if len(bad):
+        if q is None:
+            q_bad = torch.zeros_like(p[bad])
+            q_bad.scatter_(-1, tok[bad][:, None], 1.0)
+        else:
+            q_bad = q[bad]
+        out[bad] = pick(reference.residual(p[bad], q_bad), noise.to(device)[bad])
+    return ok, out
