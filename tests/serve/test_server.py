@@ -161,10 +161,18 @@ def _post(base: str, body: dict) -> tuple[int, dict]:
 
 
 def test_burst_beyond_the_queue_gets_503_and_the_server_keeps_serving(server):
+    """40 simultaneous requests against 4 batch slots + 12 queue places: the overflow gets
+    503, the rest 200. On a loaded 2-core box the client's threads can start so slowly that
+    the tiny target drains the queue before it fills; such an attempt (all 200) proves
+    nothing about the overflow, so it is retried, up to three times."""
     body = {"model": "tiny", "prompt": "burst", "max_tokens": 64, "temperature": 1.0}
-    with cf.ThreadPoolExecutor(40) as ex:
-        codes = [c for c, _ in ex.map(lambda _: _post(server.base, body), range(40))]
-    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 16
+    for _attempt in range(3):
+        with cf.ThreadPoolExecutor(40) as ex:
+            codes = [c for c, _ in ex.map(lambda _: _post(server.base, body), range(40))]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 16
+        if codes.count(503):
+            break
+    assert codes.count(503) > 0, f"no attempt overflowed the queue: {codes}"
     code, resp = _post(server.base, {"model": "tiny", "prompt": "after", "max_tokens": 4})
     assert code == 200 and resp["usage"]["completion_tokens"] <= 4
 
