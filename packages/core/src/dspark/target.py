@@ -267,6 +267,11 @@ class Target:
             logits = packed_linear.packed(head.weight).linear(hidden)
         else:
             logits = head(hidden).float()
+        return self.softcap(logits)
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final-logit softcap (identity without one), for logits computed from
+        rows of the LM head outside :meth:`lm_head`."""
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

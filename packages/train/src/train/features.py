@@ -269,7 +269,6 @@ def _topk_rows(target: Any, final: torch.Tensor, need: torch.Tensor, k: int, chu
     ids = np.zeros((n, k), dtype=np.int32)
     logp = np.full((n, k), -np.inf, dtype=np.float32)
     rows = need.nonzero().flatten()
-    softcap = getattr(target, "_softcap", None)
     for s in range(0, len(rows), chunk):
         r = rows[s : s + chunk]
         with torch.no_grad():
@@ -277,9 +276,7 @@ def _topk_rows(target: Any, final: torch.Tensor, need: torch.Tensor, k: int, chu
             if head is None:
                 z = target.lm_head(h).float()
             else:
-                z = (h @ head.t()).float()
-                if softcap:
-                    z = torch.tanh(z / softcap) * softcap
+                z = target.softcap((h @ head.t()).float())
             # top-k of the logits, then one logsumexp: the same values as topk(log_softmax(z))
             # without writing a second [rows, V] tensor
             top = z.topk(k, -1)
@@ -307,7 +304,7 @@ def build_topk(target: Any, examples: Sequence[Any], features: "FeatureCache", k
     if k < 1:
         raise FeatureCacheError(f"trainer.target_topk must be >= 1 to build a top-k cache, got {k}")
     features.check(examples)
-    head = head_ids = None
+    head = head_ids = digest = None
     if vocab_ids is None:
         k = min(int(k), int(target.vocab_size))
         out = features.path / f"topk-{k}"
@@ -362,7 +359,7 @@ def build_topk(target: Any, examples: Sequence[Any], features: "FeatureCache", k
         "num_examples": len(examples), "rows_filled": sum(need_rows),
         "scope": "full" if head_ids is None else "draft_vocab",
         "vocab_size": int(target.vocab_size) if head_ids is None else len(head_ids),
-        "vocab_digest": None if head_ids is None else vocab_digest(head_ids),
+        "vocab_digest": None if head_ids is None else digest,
     }))
     return out
 
