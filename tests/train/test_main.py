@@ -155,6 +155,16 @@ def test_bad_input_fails_clearly(tmp_path, tiny_dir, capfd):
     assert proc.returncode != 0 and "nope" in proc.stderr
 
 
+def test_ratio_with_se_is_the_delta_method():
+    from train.compare import ratio_with_se
+
+    r, se = ratio_with_se(1.8, 0.09, 1.5, 0.06)
+    assert r == pytest.approx(1.2) and se == pytest.approx(1.2 * (0.05**2 + 0.04**2) ** 0.5)
+    assert ratio_with_se(1.8, None, 1.5, 0.06) == (pytest.approx(1.2), None)
+    with pytest.raises(ValueError, match="non-positive"):
+        ratio_with_se(1.0, 0.1, 0.0, 0.1)
+
+
 def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir, capfd):
     from train.compare import main as compare
 
@@ -165,6 +175,9 @@ def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir, capfd):
     compare(["--runs", "tiny_dflash", "tiny_ngram", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
     text = out.read_text()
     assert "| tiny_dflash |" in text and "| tiny_ngram |" in text and "**T=1**" in text and "**T=0**" in text
+    assert "vs tiny_dflash |" in text  # the ratio column against the first run
+    dflash_row = next(line for line in text.splitlines() if line.startswith("| tiny_dflash |"))
+    assert dflash_row.rstrip(" |").split("|")[-1].strip().startswith("1.000")
     missing = subprocess.run([sys.executable, "-m", "train.compare", "--runs", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no finished MLflow run named 'nope'" in missing.stderr
 

@@ -1,9 +1,12 @@
-"""Compare runs side by side (Table-1 style) from MLflow, and write docs/results.md.
+"""Compare runs side by side (Table-1 style) from MLflow, and write the table to a markdown file.
 
     python -m train.compare --runs gemma_dspark gemma_dflash gemma_eagle3 gemma_ngram \\
-        --out docs/results.md
+        --out docs/compare.md
 
 For each run name the latest finished run is used; tau comes from its tau.json artifact.
+With several runs, a last column gives each macro tau over the first run's, +- its standard
+error. `--out` replaces the file it names (docs/results.md is a hand-kept log: do not point
+it there).
 """
 
 from __future__ import annotations
@@ -33,19 +36,41 @@ def load_results(tracking_uri: str, experiment: str, names: list[str]) -> dict[s
     return out
 
 
+def ratio_with_se(num: float, num_se: float | None, den: float, den_se: float | None) -> tuple[float, float | None]:
+    """num / den and its standard error for independent estimates (first-order delta
+    method: relative errors add in quadrature). The error is None where either input's is."""
+    if den <= 0:
+        raise ValueError(f"ratio against a non-positive tau ({den})")
+    r = num / den
+    if num_se is None or den_se is None:
+        return r, None
+    return r, r * ((num_se / num) ** 2 + (den_se / den) ** 2) ** 0.5
+
+
 def table(results: dict[str, tuple[dict, object]]) -> str:
+    """One markdown table per temperature; with two or more runs a last column gives each
+    run's macro tau over the first run's, with its standard error, so a reader sees at once
+    whether a difference is larger than the evaluation's noise."""
     temps = sorted({t for res, _ in results.values() for t in res}, reverse=True)
-    first = next(iter(results.values()))[0]
+    names = list(results)
+    first = results[names[0]][0]
     benches = [b for b in first[temps[0]] if b != "macro"]
     lines = []
     for t in temps:
-        lines += [f"\n**{t}**\n", "| run | " + " | ".join(benches) + " | macro |", "|---|" + "---|" * (len(benches) + 1)]
+        base = first.get(t, {}).get("macro")
+        ratio_col = len(names) > 1 and base is not None
+        head = "| run | " + " | ".join(benches) + " | macro |" + (f" vs {names[0]} |" if ratio_col else "")
+        lines += [f"\n**{t}**\n", head, "|---|" + "---|" * (len(benches) + 1 + ratio_col)]
         for name, (res, _) in results.items():
             if t in res:
                 row = res[t]
                 se = row["macro"].get("tau_se")
                 macro = f"{row['macro']['tau']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
-                lines.append(f"| {name} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {macro} |")
+                line = f"| {name} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {macro} |"
+                if ratio_col:
+                    r, rse = ratio_with_se(row["macro"]["tau"], se, base["tau"], base.get("tau_se"))
+                    line += f" {r:.3f}" + (f" ± {rse:.3f}" if rse is not None else "") + " |"
+                lines.append(line)
     return "\n".join(lines)
 
 
