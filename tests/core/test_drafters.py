@@ -157,6 +157,32 @@ def test_greedy_identity_through_engine(target, kind):
         assert [r.tokens for r in res] == want
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_shorter_proposal_is_the_prefix_of_the_full_one(target, kind, temperature):
+    """propose(max_draft=k < gamma) computes the head and the draft logits for k slots
+    only; its tokens, probabilities and confidences are the first k of the full proposal's,
+    and it takes as many random numbers from the generator (later rounds are unchanged)."""
+    d = make(target, kind)
+    seq = torch.randint(4, V, (1, 13), generator=torch.Generator().manual_seed(2))
+    f = features(target, seq[:, :12], d.feature_layers)[0]
+    params = SamplingParams(temperature=temperature)
+    props, gens = {}, {}
+    for rid, k in enumerate((G, 2)):  # one request id each: the drafter keeps per-request context
+        gens[k] = torch.Generator().manual_seed(5)
+        props[k] = d.propose(DraftState([seq[0].tolist()], [rid], k, params, gens[k], [f]))
+    full, short = props[G], props[2]
+    assert short.lens.tolist() == [2] and short.tokens.shape == (1, 2) and short.probs.shape == (1, 2, V)
+    assert torch.equal(short.tokens, full.tokens[:, :2])
+    # the same values up to the products' summation order over 2 rows instead of G
+    torch.testing.assert_close(short.probs, full.probs[:, :2])
+    if kind == "dflash":
+        assert short.confidence is None and full.confidence is None
+    else:
+        torch.testing.assert_close(short.confidence, full.confidence[:, :2])
+    assert torch.equal(torch.rand(3, generator=gens[G]), torch.rand(3, generator=gens[2]))
+
+
 @pytest.mark.parametrize("kind", list(ALL_KINDS))
 def test_save_load_round_trip(target, kind, tmp_path):
     vocab = DraftVocab(torch.arange(V - 1, 9, -1), V)

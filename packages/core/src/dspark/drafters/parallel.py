@@ -175,25 +175,35 @@ class ParallelDrafter(LinkedDrafter):
         ctx, mask = self._batched_ctx(rows)
         pos = anchor_pos[:, None] + torch.arange(g, device=dev)
         h = self.backbone(self.embed(self.block_inputs(anchors)), pos, ctx, mask)  # [B, g, d]
-        base = self.draft_logits(h)
-        tokens, probs, conf = self._sample(h, base, self.vocab.encode(anchors), state)
+        # the block runs at its trained length (its attention is bidirectional), but the draft
+        # logits and the head's left-to-right loop only for the k slots asked for: slot j of
+        # the head depends on slots < j alone, so the first k slots are the same as when all
+        # g are drawn (the random draws too: _sample draws for g slots and keeps k)
         k = min(g, state.max_draft)
+        h = h[:, :k]
+        base = self.draft_logits(h)
+        tokens, probs, conf = self._sample(h, base, self.vocab.encode(anchors), state, draws=g)
         lens = torch.full((len(rows),), k, dtype=torch.long)
-        full_probs = self.vocab.scatter_probs(probs[:, :k])
-        return Proposal(self.vocab.decode(tokens[:, :k]).cpu(), lens, full_probs, None if conf is None else conf[:, :k])
+        full_probs = self.vocab.scatter_probs(probs)
+        return Proposal(self.vocab.decode(tokens).cpu(), lens, full_probs, conf)
 
     def _sample(
-        self, h: torch.Tensor, base: torch.Tensor, prev: torch.Tensor, state: DraftState
+        self, h: torch.Tensor, base: torch.Tensor, prev: torch.Tensor, state: DraftState, draws: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Draft tokens at the target's temperature (top-k / top-p shape only the target:
         any draft distribution is lossless). Without a head every slot is independent;
         with one, the Markov / RNN loop runs left to right (kernels.markov_sample /
         rnn_sample). Returns draft-vocab tokens [B, g], fp32 probs [B, g, K] (exactly
-        what the tokens were drawn from), calibrated confidences [B, g] or None."""
+        what the tokens were drawn from), calibrated confidences [B, g] or None.
+        ``draws`` (>= g): slots' worth of random numbers to take from the generators, of
+        which the first g are used, so a shorter proposal keeps the random stream of a full one."""
         temp = state.params.temperature
         B, g, K = base.shape
+        n = g if draws is None else draws
+        if n < g:
+            raise ValueError(f"draws ({n}) must cover the {g} slots sampled")
         if self.head is not None and kernels.get_backend() == "triton":  # forced: the fused kernels
-            noise = None if temp == 0 else exponential((B, g * K), state.generator, base.device).view(B, g, K)
+            noise = None if temp == 0 else exponential((B, n * K), state.generator, base.device).view(B, n, K)[:, :g].contiguous()
             if isinstance(self.head, MarkovHead):
                 tok, probs = kernels.markov_sample(base, self.head.w1.weight, self.head.w2.weight, prev, temp, noise)
             else:
@@ -201,7 +211,7 @@ class ParallelDrafter(LinkedDrafter):
                 tok, probs = kernels.rnn_sample(base, h, self.head.w1.weight, cell.weight, cell.bias, self.head.w2.weight, prev, temp, noise)
         else:
             # one uniform per slot, drawn by inverse CDF (the exponential race needed K per slot)
-            u = None if temp == 0 else uniform((B, g), state.generator, base.device, torch.float64)
+            u = None if temp == 0 else uniform((B, n), state.generator, base.device, torch.float64)[:, :g].contiguous()
             if self.head is None:
                 probs = temperature_probs(base, temp)
                 tok = probs.argmax(-1) if u is None else inverse_cdf(probs.view(B * g, K), u.view(-1)).view(B, g)
