@@ -246,6 +246,44 @@ def test_eagle3_training_time_test_equals_chain_drafting(target, draft_vocab):
         torch.testing.assert_close(probs, prop.probs[0, s], rtol=1e-4, atol=1e-6)
 
 
+def test_eagle3_sparse_unroll_equals_the_dense_one(target):
+    """forward_ttt(need=...) runs steps >= 2 only along the needed positions' chains; at
+    every needed position each step's hidden state, and the gradients of a loss on them,
+    equal the dense unroll's."""
+    torch.manual_seed(0)
+    d = build_drafter("eagle3", target, gamma=4)
+    with torch.no_grad():
+        for p in d.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    B, T, steps = 3, 24, 5
+    ids = torch.randint(4, V, (B, T), generator=gen)
+    feats = torch.cat([features(target, ids[b : b + 1], d.feature_layers) for b in range(B)])
+    need = torch.zeros(B, T, dtype=torch.bool)
+    need[0, [2, 9, 10, 21]] = True
+    need[1, [0, 5, 22]] = True
+    need[2, 13] = True  # rows with different counts: padding in the gathered steps
+    weights = [torch.randn(B, T, target.hidden_size, generator=gen) for _ in range(steps)]
+    results = []
+    for sparse in (False, True):
+        d.zero_grad()
+        hs = d.forward_ttt(feats, ids, steps, return_hidden=True, need=need if sparse else None)
+        loss = sum((h * w)[need].sum() for h, w in zip(hs, weights))
+        loss.backward()
+        results.append(([h[need].detach() for h in hs], {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}))
+    (dense_h, dense_g), (sparse_h, sparse_g) = results
+    for s, (a, b) in enumerate(zip(dense_h, sparse_h), start=1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"step {s}")
+    assert dense_g.keys() == sparse_g.keys() and dense_g
+    for n in dense_g:
+        torch.testing.assert_close(sparse_g[n], dense_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="return_hidden"):
+        d.forward_ttt(feats, ids, steps, need=need)
+    with pytest.raises(ValueError, match="must match"):
+        d.forward_ttt(feats, ids, steps, return_hidden=True, need=need[:, :5])
+
+
 def test_engine_records_confidences_for_sts(target):
     d = make(target, "dspark")
     cfg = GenerationConfig(max_new_tokens=25, sampling=SamplingParams(temperature=1.0), stop_token_ids=[], seed=0)

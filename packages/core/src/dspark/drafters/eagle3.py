@@ -76,7 +76,8 @@ class Eagle3Drafter(LinkedDrafter):
 
     # ------------------------------------------------------------------ training view
     def forward_ttt(
-        self, feats: torch.Tensor, input_ids: torch.Tensor, steps: int = 7, return_hidden: bool = False
+        self, feats: torch.Tensor, input_ids: torch.Tensor, steps: int = 7, return_hidden: bool = False,
+        need: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Training-time test unroll.
 
@@ -84,7 +85,18 @@ class Eagle3Drafter(LinkedDrafter):
         fp32 logits [B, T, K]; element s-1 at position j is step s's prediction of
         x_{j+2}, made from a feature chain that started at position j-s+1. Valid where
         j-s+1 >= 0 and j+2 < T.
+
+        ``need`` [B, T] bool (with ``return_hidden``): the positions whose outputs will be
+        read. Step 1 still runs everywhere (every later step attends to its keys); step
+        s >= 2 runs only where a needed position's chain passes (:meth:`_ttt_sparse`), with
+        the same values there. Elsewhere the returned hidden states are zero.
         """
+        if need is not None:
+            if not return_hidden:
+                raise ValueError("forward_ttt(need=...) returns hidden states: pass return_hidden=True")
+            if need.shape != input_ids.shape:
+                raise ValueError(f"need {tuple(need.shape)} must match input_ids {tuple(input_ids.shape)}")
+            return self._ttt_sparse(feats, input_ids, steps, need)
         B, T = input_ids.shape
         dev = input_ids.device
         tok = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # x_{j+1} (last is padding)
@@ -106,6 +118,55 @@ class Eagle3Drafter(LinkedDrafter):
             out.append(hidden if return_hidden else self.logits(hidden))
             # next step's feature at position j is this step's output at position j-1
             feat = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        return out
+
+    def _ttt_sparse(self, feats: torch.Tensor, input_ids: torch.Tensor, steps: int, need: torch.Tensor) -> list[torch.Tensor]:
+        """forward_ttt for the positions ``need`` marks. Step s at position p reads step s-1
+        at p-1 and the keys of step r at p-s+r, so the positions step s must run are
+        P_s = {p : some needed j has p <= j <= p + steps - s}; P_s is closed under what
+        step s reads (p-1 and p-s+r lie in P_{s-1} and P_r). Each row gathers its own P_s
+        (right-padded to the batch's longest), so the work of steps >= 2 scales with the
+        needed positions instead of with T."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        tok = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        pos_all = torch.arange(T, device=dev)
+        feat = self.fuse(feats)
+        h1, kv1 = self.step(tok, feat, pos_all.expand(B, T), None, (pos_all[None, :] <= pos_all[:, None]).expand(B, T, T))
+        out = [h1]
+        keys_k, keys_v = [kv1.k], [kv1.v]
+        prev_dense = h1
+        # dist[b, p]: how far the nearest needed position at or after p lies (> T where none)
+        ahead = torch.where(need, pos_all.expand(B, T), torch.full((B, T), 2 * T, device=dev, dtype=torch.long))
+        dist = torch.flip(torch.cummin(torch.flip(ahead, [1]), 1).values, [1]) - pos_all[None, :]
+        idxs: list[torch.Tensor] = []
+        for s in range(2, steps + 1):
+            run = dist <= steps - s  # [B, T] positions step s must run
+            L = max(1, int(run.sum(1).max()))
+            # per row: its positions in order, padded with T (sorts last)
+            order = torch.where(run, pos_all.expand(B, T), torch.full_like(dist, T))
+            idx = order.sort(1).values[:, :L]  # [B, L]
+            p = idx.clamp_max(T - 1)
+            # the feature of step s at p is step s-1's output at p - 1 (zero at p = 0)
+            shifted = torch.cat([torch.zeros_like(prev_dense[:, :1]), prev_dense[:, :-1]], dim=1)
+            f = shifted.gather(1, p[..., None].expand(-1, -1, shifted.shape[-1]))
+            t = tok.gather(1, p)
+            # keys: step 1 at positions <= p-s+1; step r (2 <= r < s) at exactly p-s+r; its own
+            masks = [pos_all[None, None, :] <= (p[..., None] - s + 1)]
+            for r, ir in zip(range(2, s), idxs):
+                masks.append((ir[:, None, :] == (p[..., None] - s + r)) & (ir[:, None, :] < T))
+            own = torch.eye(L, dtype=torch.bool, device=dev)[None].expand(B, L, L)
+            mask = torch.cat(masks + [own], dim=2)  # padding queries see their own key: no empty rows
+            past = LayerKV(torch.cat(keys_k, 2), torch.cat(keys_v, 2))
+            h, new = self.step(t, f, p, past, mask)
+            keys_k.append(new.k)
+            keys_v.append(new.v)
+            idxs.append(idx)
+            # scatter into a dense [B, T(+1 padding slot), d] buffer; padding lands in column T
+            dense = torch.zeros(B, T + 1, h.shape[-1], device=dev, dtype=h.dtype)
+            dense = dense.scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)[:, :T]
+            out.append(dense)
+            prev_dense = dense
         return out
 
     # ------------------------------------------------------------------ inference
