@@ -102,15 +102,18 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
     if not args.no_hf:
         methods["HF generate"] = lambda p: (hf_generate(t, p, args.max_new_tokens, temperature, args.seed), None)
     methods["ours: AR loop"] = lambda p: ((r := ar_generate(t, p, cfg)).tokens, r.stats)
-    if fast_decoder.supports(t) is None:  # where the lean decoder step applies: the loop without it
+    if args.only_drafters:
+        pass
+    elif fast_decoder.supports(t) is None:  # where the lean decoder step applies: the loop without it
         methods["ours: AR loop, HF decoder step"] = lambda p: ((r := hf_step_ar(t, p, cfg)).tokens, r.stats)
-    if t._screened_head() is not None:  # where the LM head's fp16 screen applies: the loop without it
+    if t._screened_head() is not None and not args.only_drafters:  # where the LM head's fp16 screen applies: the loop without it
         methods["ours: AR loop, full LM head"] = lambda p: ((r := full_head_ar(t, p, cfg)).tokens, r.stats)
     if not args.no_hf:
         methods[f"HF prompt lookup ({args.hf_lookup_tokens})"] = lambda p: (
             hf_generate(t, p, args.max_new_tokens, temperature, args.seed, lookup=args.hf_lookup_tokens), None
         )
-    methods[f"ours: engine + n-gram (k={args.num_draft})"] = lambda p: ((r := engine.generate([p], cfg)[0]).tokens, r.stats)
+    if not args.only_drafters:
+        methods[f"ours: engine + n-gram (k={args.num_draft})"] = lambda p: ((r := engine.generate([p], cfg)[0]).tokens, r.stats)
     for path in args.drafters:  # trained drafter checkpoints, each in its own engine per policy
         d = load_drafter(path, t)
         d = d.to(t.dtype) if t.dtype != torch.float32 else d
@@ -124,9 +127,11 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
                 print(f"skipping {policy} for {path}: {d.name} has no confidence head", file=sys.stderr)
                 continue
             sched = make_scheduler(policy, t, args)
-            eng = SpeculativeEngine(t, d, args.num_draft, scheduler=sched)
-            gate = "" if policy == "static" or args.no_draft_gate else ", gated"
-            methods[f"ours: engine + {d.name} ({policy}{gate}) `{path}`"] = lambda p, eng=eng: ((r := eng.generate([p], cfg)[0]).tokens, r.stats)
+            # static: one row per --gammas entry (the drafts verified every round)
+            for gamma in (args.gammas or [args.num_draft]) if policy == "static" else [args.num_draft]:
+                eng = SpeculativeEngine(t, d, gamma, scheduler=sched)
+                gate = f" gamma {gamma}" if policy == "static" else ("" if args.no_draft_gate else ", gated")
+                methods[f"ours: engine + {d.name} ({policy}{gate}) `{path}`"] = lambda p, eng=eng: ((r := eng.generate([p], cfg)[0]).tokens, r.stats)
     rows = {m: Row() for m in methods}
     ar_generate(t, prompts[0][:32], GenerationConfig(max_new_tokens=8, sampling=params, seed=args.seed))  # warm-up
     for p in tqdm(prompts, desc=f"{t.dtype} T={temperature}", file=sys.stderr):
@@ -169,6 +174,10 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0])
     ap.add_argument("--num-draft", type=int, default=7)
+    ap.add_argument("--gammas", nargs="+", type=int, default=None,
+                    help="static policy: one row per number of drafts verified each round (default: --num-draft)")
+    ap.add_argument("--only-drafters", action="store_true",
+                    help="rows: the AR loop (the baseline) and the trained drafters only")
     ap.add_argument("--ngram-max", type=int, default=3)
     ap.add_argument("--hf-lookup-tokens", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
