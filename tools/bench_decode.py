@@ -102,9 +102,7 @@ def bench(t: Target, prompts: list[list[int]], args: argparse.Namespace, tempera
     if not args.no_hf:
         methods["HF generate"] = lambda p: (hf_generate(t, p, args.max_new_tokens, temperature, args.seed), None)
     methods["ours: AR loop"] = lambda p: ((r := ar_generate(t, p, cfg)).tokens, r.stats)
-    if args.only_drafters:
-        pass
-    elif fast_decoder.supports(t) is None:  # where the lean decoder step applies: the loop without it
+    if fast_decoder.supports(t) is None and not args.only_drafters:  # where the lean decoder step applies: the loop without it
         methods["ours: AR loop, HF decoder step"] = lambda p: ((r := hf_step_ar(t, p, cfg)).tokens, r.stats)
     if t._screened_head() is not None and not args.only_drafters:  # where the LM head's fp16 screen applies: the loop without it
         methods["ours: AR loop, full LM head"] = lambda p: ((r := full_head_ar(t, p, cfg)).tokens, r.stats)
