@@ -175,9 +175,10 @@ def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir, capfd):
     compare(["--runs", "tiny_dflash", "tiny_ngram", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
     text = out.read_text()
     assert "| tiny_dflash |" in text and "| tiny_ngram |" in text and "**T=1**" in text and "**T=0**" in text
-    assert "vs tiny_dflash |" in text  # the ratio column against the first run
-    dflash_row = next(line for line in text.splitlines() if line.startswith("| tiny_dflash |"))
-    assert dflash_row.rstrip(" |").split("|")[-1].strip().startswith("1.000")
+    assert "macro / tiny_dflash's |" in text  # the ratio column against the first run
+    rows = {name: next(line for line in text.splitlines() if line.startswith(f"| {name} |")) for name in ("tiny_dflash", "tiny_ngram")}
+    assert rows["tiny_dflash"].rstrip(" |").split("|")[-1].strip() == "1.000"
+    assert float(rows["tiny_ngram"].rstrip(" |").split("|")[-1].split("±")[0]) > 0
     missing = subprocess.run([sys.executable, "-m", "train.compare", "--runs", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no finished MLflow run named 'nope'" in missing.stderr
 

@@ -59,7 +59,7 @@ def table(results: dict[str, tuple[dict, object]]) -> str:
     for t in temps:
         base = first.get(t, {}).get("macro")
         ratio_col = len(names) > 1 and base is not None
-        head = "| run | " + " | ".join(benches) + " | macro |" + (f" vs {names[0]} |" if ratio_col else "")
+        head = "| run | " + " | ".join(benches) + " | macro |" + (f" macro / {names[0]}'s |" if ratio_col else "")
         lines += [f"\n**{t}**\n", head, "|---|" + "---|" * (len(benches) + 1 + ratio_col)]
         for name, (res, _) in results.items():
             if t in res:
@@ -67,7 +67,9 @@ def table(results: dict[str, tuple[dict, object]]) -> str:
                 se = row["macro"].get("tau_se")
                 macro = f"{row['macro']['tau']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
                 line = f"| {name} | " + " | ".join(f"{row[b]['tau']:.2f}" for b in benches) + f" | {macro} |"
-                if ratio_col:
+                if ratio_col and name == names[0]:
+                    line += " 1.000 |"  # itself: no error
+                elif ratio_col:
                     r, rse = ratio_with_se(row["macro"]["tau"], se, base["tau"], base.get("tau_se"))
                     line += f" {r:.3f}" + (f" ± {rse:.3f}" if rse is not None else "") + " |"
                 lines.append(line)
