@@ -212,6 +212,10 @@ def test_large_batches_verify_slot_by_slot_with_the_same_output(target, temperat
     the tokens of the one-product verification (drawn the same way), and greedy output
     stays the AR output."""
     calls = []
+    import dspark.engine as engine_mod
+
+    real_extend = engine_mod._SlotRunner.extend
+    monkeypatch.setattr(engine_mod._SlotRunner, "extend", lambda self, *a, **k: calls.append(0) or real_extend(self, *a, **k))
     for name in ("_verify_by_slot", "_decide_greedy_by_slot"):
         real = getattr(SpeculativeEngine, name)
         monkeypatch.setattr(SpeculativeEngine, name, lambda self, *a, _r=real, **k: calls.append(1) or _r(self, *a, **k))
@@ -225,6 +229,88 @@ def test_large_batches_verify_slot_by_slot_with_the_same_output(target, temperat
         n = len(calls)
         runs[waves] = [r.tokens for r in eng.generate(prompts, cfg)]
         assert (len(calls) > n) == bool(waves)
+        if waves and temperature and eng._runner().batched:
+            assert 0 in calls[n:]  # the target's layers ran in two waves
     assert runs[1] == runs[0] and runs[2] == runs[0]
+    eng = SpeculativeEngine(target, RandomDrafter(64, k=4, seed=0) if temperature else DeterministicDrafter(64, k=4, seed=0), 4)
+    eng.wave_forward = False  # the target's layers in one forward over all k + 1 rows
+    assert [r.tokens for r in eng.generate(prompts, cfg)] == runs[0]
     if temperature == 0:
         assert runs[0] == [ar_generate(target, p, cfg).tokens for p in prompts]
+
+
+def test_two_wave_forward_gives_a_feature_reading_drafter_the_same_tokens(target):
+    """The two-wave target forward appends the survivors' features after the first wave's:
+    a DSpark drafter (it reads them every round) proposes, and every request emits, exactly
+    what it does with one forward over all rows (T = 1, same seeds)."""
+    temperature = 1.0
+    from dspark import batch_verify
+    from dspark.drafters import build_drafter
+
+    if not batch_verify.supports(target):
+        pytest.skip("no slot cache for this target")
+    torch.manual_seed(0)
+    drafter = build_drafter("dspark", target, gamma=4, feature_layers=[0, 1], num_layers=1, mask_token_id=4, rank=4)
+    prompts = [PROMPTS[i % 3] + [40 + i] for i in range(18)]
+    cfg = GenerationConfig(max_new_tokens=20, sampling=SamplingParams(temperature=temperature), stop_token_ids=[], seed=3)
+    runs = []
+    for two_waves in (True, False):
+        eng = SpeculativeEngine(target, drafter, 4)
+        eng.wave_verify, eng.wave_forward = 1, two_waves
+        out = eng.generate(prompts, cfg)
+        runs.append(([r.tokens for r in out], [r.stats.accepted for r in out]))
+    assert runs[0] == runs[1]
+    assert sum(map(sum, runs[0][1])) > 0  # drafts were accepted: the later rounds read the appended features
+
+
+class _GreedyOracle:
+    """Proposes the target's own greedy continuation (known in advance), with its third
+    draft of every round wrong: rounds accept two drafts and reject the third."""
+
+    name, feature_layers = "oracle", None
+
+    def __init__(self, continuations: dict[tuple, list[int]], k: int, vocab: int) -> None:
+        self.cont, self.k, self.vocab = continuations, k, vocab
+
+    def propose(self, state):
+        from dspark.drafters.base import Proposal
+
+        k = min(self.k, state.max_draft)
+        rows = []
+        for seq in state.seqs:
+            full = next(p + c for p, c in self.cont.items() if list(p + c)[: len(seq)] == list(seq))
+            nxt = list(full[len(seq) : len(seq) + k]) + [0] * k
+            row = nxt[:k]
+            if k >= 3:
+                row[2] = (row[2] + 1) % self.vocab
+            rows.append(row)
+        return Proposal(torch.tensor(rows, dtype=torch.long).reshape(len(rows), k), torch.full((len(rows),), k, dtype=torch.long), None)
+
+    def release(self, request_ids) -> None:
+        pass
+
+
+def test_two_wave_forward_keeps_greedy_output_with_accepting_drafts(target, monkeypatch):
+    """Greedy rounds of a large batch with drafts that are accepted past the first wave
+    (the survivors' later drafts go through the target in the second wave): the output is
+    the AR output, and the accepted counts equal those of one forward over all rows."""
+    prompts = [PROMPTS[i % 3] + [40 + i] for i in range(18)]
+    cfg = GenerationConfig(max_new_tokens=16, sampling=SamplingParams(temperature=0.0), stop_token_ids=[], seed=3)
+    ar = [ar_generate(target, p, cfg).tokens for p in prompts]
+    oracle = _GreedyOracle({tuple(p): tuple(a) for p, a in zip(prompts, ar)}, 4, target.vocab_size)
+    import dspark.engine as engine_mod
+
+    extended = []
+    real = engine_mod._SlotRunner.extend
+    monkeypatch.setattr(engine_mod._SlotRunner, "extend", lambda self, rows, tails: extended.append(len(rows)) or real(self, rows, tails))
+    runs = []
+    for two_waves in (True, False):
+        eng = SpeculativeEngine(target, oracle, 4)
+        eng.wave_verify, eng.wave_forward = 1, two_waves
+        out = eng.generate(prompts, cfg)
+        assert [r.tokens for r in out] == ar
+        runs.append([r.stats.accepted for r in out])
+    assert runs[0] == runs[1] and max(max(a) for a in runs[0]) == 2
+    from dspark import batch_verify
+
+    assert bool(extended) == batch_verify.supports(target)  # the second wave ran wherever there is a slot cache

@@ -315,6 +315,51 @@ def test_kv_cache_and_ragged_batch_verify_are_lossless_past_the_window(target, k
         assert p > 1e-3, f"{kind}, prompt {j} (length {len(prompt)}): chi-square p={p:.2e}"
 
 
+def exact_distribution4(target, params: SamplingParams, prompt: list[int] = PROMPT) -> torch.Tensor:
+    """[V, V, V, V] exact AR probabilities of the first four new tokens."""
+    prefixes = torch.tensor([prompt + list(t) for t in itertools.product(range(V), repeat=3)])
+    p = probs_from_logits(target.forward(prefixes).logits[:, len(prompt) - 1 :], params).double().cpu()
+    joint = torch.zeros(V, V, V, V, dtype=torch.float64)
+    for r, (a, b, c) in enumerate(itertools.product(range(V), repeat=3)):
+        joint[a, b, c] = p[r, 0, a] * p[r, 1, b] * p[r, 2, c] * p[r, 3]
+    return joint
+
+
+@pytest.mark.parametrize("kind,pname", [("peaked_wrong", "T1"), ("dspark", "T0.8-topk4-topp0.9")])
+def test_two_wave_target_forward_is_lossless(target, kind, pname, monkeypatch):
+    """Large batches on the slot cache run the target's decoder layers in two waves: the
+    anchor and the first draft of every request, then the second draft only for the
+    requests that accepted the first (``wave_forward``, ``wave_verify`` 1). Four new
+    tokens, so a round after the first token can verify two drafts. The dspark case
+    reads the target's features, which the second wave appends."""
+    import dspark.engine as engine_mod
+    from dspark.drafters import build_drafter
+
+    params = PARAMS[pname]
+    if kind == "dspark":
+        torch.manual_seed(0)
+        drafter = build_drafter("dspark", target, gamma=2, feature_layers=[0, 1], num_layers=1, mask_token_id=4, rank=4)
+        with torch.no_grad():
+            for p in drafter.parameters():
+                p.normal_(0, 0.5)
+    else:
+        drafter = make_drafter(kind, target, params)
+    engine = SpeculativeEngine(target, drafter, num_draft=2)
+    engine.wave_verify = 1
+    assert engine.wave_forward and engine.cache_mode == "kv"
+    extended = []
+    real = engine_mod._SlotRunner.extend
+    monkeypatch.setattr(engine_mod._SlotRunner, "extend", lambda self, rows, tails: extended.append(len(rows)) or real(self, rows, tails))
+    cfg = GenerationConfig(max_new_tokens=4, sampling=params, stop_token_ids=[], seed=5)
+    results = engine.generate([PROMPT] * N_SAMPLES, cfg)
+    assert extended and sum(extended) < N_SAMPLES  # the second wave ran, for part of the batch only
+    counts = torch.zeros(V, V, V, V, dtype=torch.float64)
+    for r in results:
+        counts[tuple(r.tokens)] += 1
+    p = chi2_pvalue(counts, exact_distribution4(target, params))
+    assert p > 1e-3, f"{kind}/{pname}: chi-square p={p:.2e}"
+
+
 # ---- serving-shaped runs: pooled requests, the scheduler, the draft gate, stops ---------
 
 

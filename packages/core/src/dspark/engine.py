@@ -145,6 +145,14 @@ class _SlotRunner:
         cat = _concat_taps(taps, self.layers) if self.layers else None
         return out, ([cat[i, : len(f)] for i, f in enumerate(fed)] if self.layers else None)
 
+    def extend(self, rows: Sequence[int], tails: list[list[int]]) -> tuple[torch.Tensor, Feats]:
+        """Feed more drafts after what :meth:`score` fed (the second wave of a round whose
+        first wave took each request's first drafts only): final hidden states ``[S, n, d]``
+        and each row's tapped features for the tokens fed."""
+        h, taps = self.kv.forward(list(rows), tails, self.layers, logits="hidden")
+        cat = _concat_taps(taps, self.layers) if self.layers else None
+        return h, ([cat[i, : len(t)] for i, t in enumerate(tails)] if self.layers else None)
+
     def commit(self, row: int, fed_drafts: int, accepted: int) -> None:
         self.kv.rollback(row, fed_drafts - accepted)
 
@@ -266,6 +274,10 @@ class SpeculativeEngine:
         # product reads the whole head again, and at a few rows reading it is the cost).
         self.wave_verify = 2
         self.wave_min_batch = 16
+        # in those rounds the target's decoder layers also run in two waves: the anchor and
+        # the first ``wave_verify`` drafts of every request, then the rest of the drafts only
+        # for the requests that accepted all of those (slot-cache runner only)
+        self.wave_forward = True
 
     def _propose(self, state: DraftState) -> Proposal:
         if self.drafter is None or state.max_draft == 0:
@@ -434,6 +446,7 @@ class SpeculativeEngine:
             lens = self._schedule(prop, lens, ids, t_d, params)
         k = prop.tokens.shape[1]
         drafts = [prop.tokens[i, : int(lens[i])].tolist() for i in range(len(reqs))]
+        fed = [len(d) for d in drafts]  # drafts in the target's cache after scoring (rolled back on commit)
         # the target's choices straight from its hidden states (through the LM head's fp16
         # screen, dspark.screened_head) when no draft needs the full distribution: greedy
         # rounds, and sampled rounds that verify no draft
@@ -442,16 +455,16 @@ class SpeculativeEngine:
             hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
             res = self._decide(hidden, prop.tokens, lens, params, gens)
         elif params.greedy and self._waves(len(reqs), lens):
-            hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
-            res = self._decide_greedy_by_slot(hidden, prop.tokens, lens, params)
+            hidden, feats, fed, extend = self._score_in_waves(runner, ids, seqs, drafts, k)
+            res = self._decide_greedy_by_slot(hidden, prop.tokens, lens, params, extend)
         elif not params.greedy and self.screen_verify and self.target.screens(len(reqs), params):
             # sampled drafts: the first slots verified through the screen, one slot at a
             # time, the full LM head only for the slots reached past them
             hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
             res = self._verify_screened(hidden, prop.tokens, lens, prop.probs, params, gens)
         elif not params.greedy and self._waves(len(reqs), lens):
-            hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
-            res = self._verify_by_slot(hidden, prop.tokens, lens, prop.probs, params, gens)
+            hidden, feats, fed, extend = self._score_in_waves(runner, ids, seqs, drafts, k)
+            res = self._verify_by_slot(hidden, prop.tokens, lens, prop.probs, params, gens, extend)
         else:
             logits, feats = runner.score(ids, seqs, drafts, k)
             res = verify(logits, prop.tokens, lens, prop.probs, params, gens)  # stops: per request, below
@@ -463,7 +476,7 @@ class SpeculativeEngine:
             r.stats.record(int(lens[i]), n_acc, conf)
             self.last_round.append((r.rid, int(lens[i]), n_acc))
             r.stats.seconds += share
-            runner.commit(r.rid, int(lens[i]), n_acc)
+            runner.commit(r.rid, fed[i], n_acc)
             if feats is not None:  # the anchor and the accepted drafts, after anything not yet seen
                 new_f = feats[i][: n_acc + 1]
                 r.pending = new_f if r.pending is None else torch.cat([r.pending, new_f])
@@ -474,11 +487,44 @@ class SpeculativeEngine:
             self._emit(r, new, cut is not None)
         return out
 
+    def _score_in_waves(self, runner, ids: list[int], seqs, drafts: list[list[int]], k: int):
+        """The target forward of a slot-by-slot round, itself in two waves where the runner
+        can extend a request's rows (``wave_forward``): first the anchor and the first
+        ``wave_verify`` drafts of every request; the remaining drafts only for the requests
+        that accepted all of those, when the verifier gets there (``extend``, called with
+        their batch indices). At tau ~1.5 most requests stop within two slots, so most of
+        the k + 1 rows per request are never run through the decoder layers. Causal
+        attention makes each position's hidden state the same as in one forward.
+        Returns hidden [B, k + 1, d], features per request, drafts fed per request (the
+        list ``extend`` updates) and ``extend`` (None: one forward, everything fed)."""
+        w = self.wave_verify
+        fed = [len(d) for d in drafts]
+        if not (self.wave_forward and hasattr(runner, "extend") and max(fed) > w):
+            hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
+            return hidden, feats, fed, None
+        hidden, feats = runner.score(ids, seqs, [d[:w] for d in drafts], k, hidden=True)
+        fed = [min(n, w) for n in fed]
+
+        def extend(rows: list[int]) -> None:
+            todo = [i for i in rows if len(drafts[i]) > fed[i]]
+            if not todo:
+                return
+            h, f = runner.extend([ids[i] for i in todo], [drafts[i][fed[i]:] for i in todo])
+            for j, i in enumerate(todo):
+                n = len(drafts[i]) - fed[i]
+                hidden[i, fed[i] + 1 : fed[i] + 1 + n] = h[j, :n]
+                if feats is not None:
+                    feats[i] = torch.cat([feats[i], f[j]])
+                fed[i] = len(drafts[i])
+
+        return hidden, feats, fed, extend
+
     def _waves(self, batch: int, lens: torch.Tensor) -> bool:
         """Whether this round verifies slot by slot (see ``wave_verify``)."""
         return bool(self.wave_verify) and batch >= self.wave_min_batch and bool((lens > 0).any())
 
-    def _decide_greedy_by_slot(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, params: SamplingParams) -> VerifyOutput:
+    def _decide_greedy_by_slot(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, params: SamplingParams,
+                               extend=None) -> VerifyOutput:
         """:meth:`_decide` for greedy rounds of large batches: the target's argmax slot by
         slot, only for the requests whose drafts all matched so far; after ``wave_verify``
         slots, every remaining slot of the survivors in one product. The same decisions
@@ -492,6 +538,8 @@ class SpeculativeEngine:
             if not active:
                 break
             if pos >= self.wave_verify:
+                if extend is not None:
+                    extend(active)  # the survivors' remaining drafts through the target
                 sub_lens = lens[active] - pos
                 slots = torch.arange(k1 - pos)[None, :] <= sub_lens[:, None]
                 choice = torch.zeros((len(active), k1 - pos), dtype=torch.long)
@@ -511,7 +559,7 @@ class SpeculativeEngine:
         return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
 
     def _verify_by_slot(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor,
-                        probs: torch.Tensor | None, params: SamplingParams, gens) -> VerifyOutput:
+                        probs: torch.Tensor | None, params: SamplingParams, gens, extend=None) -> VerifyOutput:
         """:func:`verify` at T > 0 for large batches, from the final hidden states: slot by
         slot, the target's logits only for the requests still accepting
         (:func:`dspark.verify.verify_slot`); after ``wave_verify`` slots, every remaining
@@ -536,6 +584,8 @@ class SpeculativeEngine:
             if not ver:
                 break
             if pos >= self.wave_verify:
+                if extend is not None:
+                    extend(ver)  # the survivors' remaining drafts through the target
                 p = probs_from_logits(self.target.lm_head(hidden[ver, pos:]), params)  # [A, k1 - pos, V]
                 q = None if probs is None else probs[ver, pos:].float().to(dev)
                 o, n = kernels.rejection_sample(p, tokens[ver, pos:], (lens_c[ver] - pos).to(dev), q, u[ver, pos:], noise[ver])
