@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dspark.metrics import SpecStats, merge_all, per_position_acceptance, tau
+from dspark.metrics import SpecStats, merge_all, per_position_acceptance, per_position_counts, tau
 
 
 def test_tau_and_acceptance():
@@ -21,6 +21,7 @@ def test_per_position_conditional_acceptance():
     # pos2: reached by rounds with a>=1 and n>=2: (3,3),(3,1) -> accepted in 1 -> 1/2
     # pos3: reached by (3,3) only -> 1/1 ; pos4 never reached
     assert per_position_acceptance([3, 3, 3], [3, 0, 1], max_k=4) == [2 / 3, 1 / 2, 1.0, None]
+    assert per_position_counts([3, 3, 3, 1], [3, 0, 1, 1], max_k=4) == [[4, 3], [2, 1], [1, 1], [0, 0]]
 
 
 def test_merge_and_validation():

@@ -165,11 +165,62 @@ def test_ratio_with_se_is_the_delta_method():
         ratio_with_se(1.0, 0.1, 0.0, 0.1)
 
 
+def _synthetic_run(rng, prompt_effect, drafter_tau, n_bench=4, n_prompts=12, rounds=40):
+    """Per-prompt [emitted, rounds] records: a prompt's mean tokens per round is the
+    drafter's level times the prompt's shared difficulty, plus noise of its own."""
+    res = {}
+    for b in range(n_bench):
+        pp = []
+        for i in range(n_prompts):
+            per_round = max(1.0, drafter_tau * prompt_effect[b][i] + rng.gauss(0, 0.08))
+            pp.append([round(per_round * rounds), rounds])
+        e, r = sum(x for x, _ in pp), sum(y for _, y in pp)
+        res[f"b{b}"] = {"tau": e / r, "per_prompt": pp}
+    res["macro"] = {"tau": sum(res[f"b{b}"]["tau"] for b in range(n_bench)) / n_bench}
+    return res
+
+
+def test_paired_ratio_se_matches_the_spread_of_the_ratio():
+    """Two drafters on the same prompts: the paired standard error of macro(a) / macro(b)
+    agrees with the ratio's actual spread over repeated draws of prompts, where the
+    independent-errors formula overstates it several-fold; identical runs give 0; runs
+    without matching per-prompt records give None."""
+    import random
+    import statistics
+
+    from train.compare import paired_ratio_se, ratio_with_se
+    from train.evaluate import tau_standard_error
+
+    rng = random.Random(0)
+    benches = [f"b{b}" for b in range(4)]
+    ratios, paired, unpaired = [], [], []
+    for _ in range(300):
+        effect = [[rng.lognormvariate(0, 0.25) for _ in range(12)] for _ in benches]
+        a, b = _synthetic_run(rng, effect, 1.6), _synthetic_run(rng, effect, 1.4)
+        q = a["macro"]["tau"] / b["macro"]["tau"]
+        ratios.append(q)
+        paired.append(paired_ratio_se(a, b, benches))
+
+        def macro_se(run):
+            ses = [tau_standard_error([type("S", (), {"accepted": [e / r - 1] * r})() for e, r in run[k]["per_prompt"]]) for k in benches]
+            return sum(x * x for x in ses) ** 0.5 / len(benches)
+
+        unpaired.append(ratio_with_se(a["macro"]["tau"], macro_se(a), b["macro"]["tau"], macro_se(b))[1])
+    spread = statistics.pstdev(ratios)
+    assert statistics.mean(paired) == pytest.approx(spread, rel=0.2)
+    assert statistics.mean(unpaired) > 3 * spread
+    same = _synthetic_run(rng, effect, 1.5)
+    assert paired_ratio_se(same, same, benches) == pytest.approx(0.0, abs=1e-12)
+    short = {k: (dict(v, per_prompt=v["per_prompt"][:-1]) if k != "macro" else v) for k, v in same.items()}
+    assert paired_ratio_se(short, same, benches) is None
+    assert paired_ratio_se({k: {"tau": v["tau"]} for k, v in same.items()}, same, benches) is None
+
+
 def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir, capfd):
     from train.compare import main as compare
 
-    for exp in ("tiny_dflash", "tiny_ngram"):
-        proc = train_here(tmp_path, capfd, f"experiment={exp}", f"target.path={tiny_dir}", f"output_dir={tmp_path}/{exp}")
+    for exp in ("tiny_dflash", "tiny_ngram"):  # two prompts per benchmark: a standard error to pair
+        proc = train_here(tmp_path, capfd, f"experiment={exp}", f"target.path={tiny_dir}", f"output_dir={tmp_path}/{exp}", "eval.prompts_per_benchmark=2")
         assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "results.md"
     compare(["--runs", "tiny_dflash", "tiny_ngram", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
@@ -179,6 +230,7 @@ def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir, capfd):
     rows = {name: next(line for line in text.splitlines() if line.startswith(f"| {name} |")) for name in ("tiny_dflash", "tiny_ngram")}
     assert rows["tiny_dflash"].rstrip(" |").split("|")[-1].strip() == "1.000"
     assert float(rows["tiny_ngram"].rstrip(" |").split("|")[-1].split("±")[0]) > 0
+    assert "±" in rows["tiny_ngram"] and "(unpaired)" not in rows["tiny_ngram"]  # both runs carry per-prompt records: paired
     missing = subprocess.run([sys.executable, "-m", "train.compare", "--runs", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no finished MLflow run named 'nope'" in missing.stderr
 

@@ -109,16 +109,23 @@ def acceptance_rate(draft_lens: list[int], accepted: list[int]) -> float:
     return sum(accepted) / proposed if proposed else float("nan")
 
 
+def per_position_counts(draft_lens: list[int], accepted: list[int], max_k: int) -> list[list[int]]:
+    """[reached, accepted] per draft position k = 1..max_k: rounds that verified a k-th
+    draft after accepting the first k - 1, and those that accepted it too (the counts behind
+    the conditional rates, so they can be pooled and given an interval)."""
+    out = []
+    for k in range(1, max_k + 1):
+        reached = [a for n, a in zip(draft_lens, accepted) if n >= k and a >= k - 1]
+        out.append([len(reached), sum(a >= k for a in reached)])
+    return out
+
+
 def per_position_acceptance(
     draft_lens: list[int], accepted: list[int], max_k: int | None = None
 ) -> list[float | None]:
     """Element k-1 is the conditional acceptance of draft k (None if never reached)."""
     kmax = max_k if max_k is not None else max(draft_lens, default=0)
-    out: list[float | None] = []
-    for k in range(1, kmax + 1):
-        reached = [a for n, a in zip(draft_lens, accepted) if n >= k and a >= k - 1]
-        out.append(sum(a >= k for a in reached) / len(reached) if reached else None)
-    return out
+    return [a / n if n else None for n, a in per_position_counts(draft_lens, accepted, kmax)]
 
 
 def tokens_per_second(tokens: int, seconds: float) -> float:

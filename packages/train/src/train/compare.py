@@ -5,7 +5,8 @@
 
 For each run name the latest finished run is used; tau comes from its tau.json artifact.
 With several runs, a last column gives each macro tau over the first run's, +- its standard
-error. `--out` replaces the file it names (docs/results.md is a hand-kept log: do not point
+error, paired by prompt where both runs carry per-prompt records (the same prompts decoded
+by two drafters share most of their difficulty, which pairing removes). `--out` replaces the file it names (docs/results.md is a hand-kept log: do not point
 it there).
 """
 
@@ -47,6 +48,36 @@ def ratio_with_se(num: float, num_se: float | None, den: float, den_se: float | 
     return r, r * ((num_se / num) ** 2 + (den_se / den) ** 2) ** 0.5
 
 
+def _influence(pairs: list) -> list[float]:
+    """Per-prompt linearised influence on a pooled tau = sum(emitted) / sum(rounds):
+    (e_i - tau r_i) / mean(r); its mean is exactly zero."""
+    emitted, rounds = sum(e for e, _ in pairs), sum(r for _, r in pairs)
+    tau, rbar = emitted / rounds, rounds / len(pairs)
+    return [(e - tau * r) / rbar for e, r in pairs]
+
+
+def paired_ratio_se(num: dict, den: dict, benches: list[str]) -> float | None:
+    """Standard error of macro(num) / macro(den) where both runs decoded the same prompts
+    (``per_prompt`` records, [emitted, rounds] in prompt order, on every benchmark). The two
+    runs' errors on one prompt are correlated (an easy prompt is easy for every drafter), so
+    pairing by prompt removes the shared part. Delta method: dQ = Q (dM_a / M_a - dM_b / M_b),
+    dM = mean over benchmarks of each benchmark's mean influence. None where a benchmark
+    lacks the records, their prompt counts differ, or a benchmark has fewer than 2 prompts."""
+    m_a, m_b = num["macro"]["tau"], den["macro"]["tau"]
+    q = m_a / m_b
+    var = 0.0
+    for b in benches:
+        pa, pb = num.get(b, {}).get("per_prompt"), den.get(b, {}).get("per_prompt")
+        if not pa or not pb or len(pa) != len(pb) or len(pa) < 2:
+            return None
+        if sum(r for _, r in pa) <= 0 or sum(r for _, r in pb) <= 0:
+            return None  # a prompt may end before its first round (it then weighs nothing), a benchmark may not
+        g = [da / m_a - db / m_b for da, db in zip(_influence(pa), _influence(pb))]
+        n = len(g)
+        var += sum(x * x for x in g) / (n * (n - 1))
+    return q * var**0.5 / len(benches)
+
+
 def table(results: dict[str, tuple[dict, object]]) -> str:
     """One markdown table per temperature; with two or more runs a last column gives each
     run's macro tau over the first run's, with its standard error, so a reader sees at once
@@ -71,8 +102,18 @@ def table(results: dict[str, tuple[dict, object]]) -> str:
                     line += " 1.000 |"  # itself: no error
                 elif ratio_col:
                     r, rse = ratio_with_se(row["macro"]["tau"], se, base["tau"], base.get("tau_se"))
-                    line += f" {r:.3f}" + (f" ± {rse:.3f}" if rse is not None else "") + " |"
+                    pse = paired_ratio_se(row, first[t], benches)
+                    if pse is not None:
+                        line += f" {r:.3f} ± {pse:.3f} |"
+                    else:
+                        line += f" {r:.3f}" + (f" ± {rse:.3f} (unpaired)" if rse is not None else "") + " |"
                 lines.append(line)
+        if ratio_col:
+            lines.append(
+                "\nThe ratio's ± is paired by prompt (the runs decoded the same prompts; their per-prompt "
+                "records cancel what the prompts share); \"(unpaired)\": a run without per-prompt records, "
+                "errors added as if independent."
+            )
     return "\n".join(lines)
 
 

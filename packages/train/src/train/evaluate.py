@@ -12,7 +12,7 @@ from tqdm import tqdm
 from dspark.benchmarks import load_first_turns
 from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig
-from dspark.metrics import merge_all
+from dspark.metrics import merge_all, per_position_counts
 from dspark.sampling import SamplingParams
 
 
@@ -27,17 +27,23 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 1,
+    greedy_prompts_per_benchmark: int | None = None,
 ) -> dict[str, dict[str, dict]]:
-    """{"T=<t>": {benchmark: {tau, acceptance_rate, per_position, rounds, tokens_per_second}},
+    """{"T=<t>": {benchmark: {tau, tau_se, prompts, acceptance_rate, per_position, rounds,
+    tokens_per_second, per_prompt, per_position_counts}},
     with a "macro" entry (mean tau over benchmarks) per temperature. ``batch_size`` requests
     decode together through the engine's continuous batching (tau is a per-request
-    statistic; tokens_per_second is then a per-request rate inside a batch, not a batch-1 speed)."""
+    statistic; tokens_per_second is then a per-request rate inside a batch, not a batch-1 speed).
+    ``greedy_prompts_per_benchmark``: the first prompts of each benchmark decoded at T = 0
+    (default, or more than ``prompts_per_benchmark``: as many as at the other temperatures)."""
     engine = SpeculativeEngine(target, drafter, num_draft=gamma)
     out: dict[str, dict[str, dict]] = {}
-    prompts = {b: load_first_turns(b, prompts_per_benchmark) for b in benchmarks}
-    jobs = [(b, i, text) for b in benchmarks for i, text in enumerate(prompts[b])]
-    bar = tqdm(total=len(jobs) * len(temperatures), desc="evaluate", disable=not progress)
+    greedy = min(greedy_prompts_per_benchmark or prompts_per_benchmark, prompts_per_benchmark)
+    counts = {t: greedy if t == 0 else prompts_per_benchmark for t in temperatures}
+    prompts = {b: load_first_turns(b, max(counts.values())) for b in benchmarks}
+    bar = tqdm(total=sum(counts[t] for t in temperatures) * len(benchmarks), desc="evaluate", disable=not progress)
     for temp in temperatures:
+        jobs = [(b, i, text) for b in benchmarks for i, text in enumerate(prompts[b][: counts[temp]])]
         stats: dict[str, list] = {b: [] for b in benchmarks}
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temp))
         for c in range(0, len(jobs), max(1, batch_size)):
@@ -59,8 +65,12 @@ def evaluate(
                 "prompts": len(stats[bench]),
                 "acceptance_rate": s.acceptance_rate,
                 "per_position": s.per_position(gamma),
+                "per_position_counts": per_position_counts(s.draft_lens, s.accepted, gamma),
                 "rounds": s.rounds,
                 "tokens_per_second": s.tokens_per_second,
+                # [emitted, rounds] per prompt, in prompt order: lets train.compare pair two
+                # runs prompt by prompt (the prompts are the same files and indices)
+                "per_prompt": [[sum(a + 1 for a in st.accepted), len(st.accepted)] for st in stats[bench]],
             }
         ses = [v["tau_se"] for v in table.values()]
         macro_se = None if any(e is None for e in ses) else (sum(e * e for e in ses) ** 0.5) / len(benchmarks)

@@ -482,6 +482,9 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
     dc = cfg.drafter
     ev_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     fallback = int(ev_cfg.get("ngram_fallback", 0) or 0)
+    greedy_n = ev_cfg.get("greedy_prompts_per_benchmark")
+    if greedy_n is None or greedy_n >= ev_cfg["prompts_per_benchmark"]:
+        ev_cfg.pop("greedy_prompts_per_benchmark", None)  # the same prompts at every temperature: the key before the option
     if not fallback:
         ev_cfg.pop("ngram_fallback", None)  # off: the same key as before the option existed
     elif getattr(drafter, "feature_layers", None) is None:
@@ -501,7 +504,7 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
         results = evaluate(
             target, drafter, list(cfg.eval.benchmarks), cfg.eval.prompts_per_benchmark, cfg.eval.max_new_tokens,
             list(cfg.eval.temperatures), dc.gamma, seed=cfg.seed, progress=cfg.progress,
-            batch_size=int(cfg.eval.get("batch_size", 1)),
+            batch_size=int(cfg.eval.get("batch_size", 1)), greedy_prompts_per_benchmark=cfg.eval.get("greedy_prompts_per_benchmark"),
         )
         ev_stage.finish(results=results)
         _log(f"evaluate: {time.perf_counter() - t_s:.0f} s")
@@ -520,18 +523,45 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
     return results
 
 
+def wilson_interval(accepted: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (sensible at 0, 1 and small n)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = accepted / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return c - h, c + h
+
+
 def _per_position_plot(results: dict, path: Path) -> None:
-    """Conditional acceptance per draft position: per temperature, the mean over benchmarks
-    with the min-max band across them (one readable line per temperature)."""
+    """Conditional acceptance per draft position, one line per temperature: the rate pooled
+    over all benchmarks' rounds with its 95 % Wilson interval, and how many rounds reached
+    each position (late positions are reached rarely, so their rates are uncertain). Results
+    without per-position counts (older runs) get the mean over benchmarks with the min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for t, rows in results.items():
-        curves = [[v if v is not None else np.nan for v in vals["per_position"]] for b, vals in rows.items() if b != "macro" and vals.get("per_position")]
+        benches = {b: v for b, v in rows.items() if b != "macro"}
+        counts = [v.get("per_position_counts") for v in benches.values()]
+        if counts and all(counts):
+            n = np.sum([[c[0] for c in cs] for cs in counts], axis=0)
+            acc = np.sum([[c[1] for c in cs] for cs in counts], axis=0)
+            k = np.arange(1, len(n) + 1)
+            ok = n > 0
+            rate = np.where(ok, acc / np.maximum(n, 1), np.nan)
+            lo, hi = np.array([wilson_interval(int(a), int(m)) for a, m in zip(acc, n)]).T
+            line = ax.plot(k[ok], rate[ok], marker="o", label=f"{t}: pooled over {len(benches)} benchmarks")[0]
+            ax.fill_between(k[ok], lo[ok], hi[ok], color=line.get_color(), alpha=0.2, label=f"{t}: 95 % interval")
+            for kk, r, m in zip(k[ok], rate[ok], n[ok]):
+                ax.annotate(f"n={m}", (kk, r), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=6, color=line.get_color())
+            continue
+        curves = [[v if v is not None else np.nan for v in vals["per_position"]] for vals in benches.values() if vals.get("per_position")]
         if not curves:
             continue
         a = np.array(curves, dtype=float)
@@ -541,7 +571,7 @@ def _per_position_plot(results: dict, path: Path) -> None:
             mean, lo, hi = np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
         line = ax.plot(k, mean, marker="o", label=f"{t}: mean of {len(curves)} benchmarks")[0]
         ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.2, label=f"{t}: min-max over benchmarks")
-    ax.set_xlabel("draft position k")
+    ax.set_xlabel("draft position k (n: rounds that reached it)")
     ax.set_ylabel("P(draft k accepted | drafts < k accepted)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
