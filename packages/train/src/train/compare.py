@@ -5,9 +5,10 @@
 
 For each run name the latest finished run is used; tau comes from its tau.json artifact.
 With several runs, a last column gives each macro tau over the first run's, +- its standard
-error, paired by prompt where both runs carry per-prompt records (the same prompts decoded
-by two drafters share most of their difficulty, which pairing removes). `--out` replaces the file it names (docs/results.md is a hand-kept log: do not point
-it there).
+error, paired by prompt where both runs carry per-prompt records (two drafters decode the
+same prompts with the same per-prompt seeds, so their sampling noise is partly shared and
+cancels in the ratio). `--out` replaces the file it names (docs/results.md is a hand-kept
+log: do not point it there).
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def _influence(pairs: list) -> list[float]:
 def paired_ratio_se(num: dict, den: dict, benches: list[str]) -> float | None:
     """Standard error of macro(num) / macro(den) where both runs decoded the same prompts
     (``per_prompt`` records, [emitted, rounds] in prompt order, on every benchmark). The two
-    runs' errors on one prompt are correlated (an easy prompt is easy for every drafter), so
-    pairing by prompt removes the shared part. Delta method: dQ = Q (dM_a / M_a - dM_b / M_b),
+    runs' errors on one prompt are correlated: same prompt and same seed, so the target's
+    random stream, and much of its text, is shared until their rounds diverge (measured per-
+    prompt correlation 0.5-0.8 between drafters, ~0 between seeds: docs/results.md). Pairing
+    by prompt removes the shared part. Delta method: dQ = Q (dM_a / M_a - dM_b / M_b),
     dM = mean over benchmarks of each benchmark's mean influence. None where a benchmark
     lacks the records, their prompt counts differ, or a benchmark has fewer than 2 prompts."""
     m_a, m_b = num["macro"]["tau"], den["macro"]["tau"]
@@ -110,8 +113,8 @@ def table(results: dict[str, tuple[dict, object]]) -> str:
                 lines.append(line)
         if ratio_col:
             lines.append(
-                "\nThe ratio's ± is paired by prompt (the runs decoded the same prompts; their per-prompt "
-                "records cancel what the prompts share); \"(unpaired)\": a run without per-prompt records, "
+                "\nThe ratio's ± is paired by prompt (the runs decoded the same prompts with the same seeds; "
+                "the noise they share cancels); \"(unpaired)\": a run without per-prompt records, "
                 "errors added as if independent."
             )
     return "\n".join(lines)
