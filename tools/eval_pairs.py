@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from dspark.benchmarks import BENCHMARKS
 
@@ -80,7 +81,7 @@ def main() -> None:
         if args.out:
             from dspark.cache_dir import atomic_write_text
 
-            atomic_write_text(args.out, json.dumps(results, indent=1))
+            atomic_write_text(Path(args.out), json.dumps(results, indent=1))
     first = runs[0][0]
     base = results[first][key]
     benches = list(args.benchmarks)
