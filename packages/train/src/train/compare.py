@@ -20,6 +20,7 @@ import sys
 
 from dspark.cache_dir import atomic_write_text
 from train.config import repo_path
+from train.evaluate import tau_influence
 
 
 def load_results(tracking_uri: str, experiment: str, names: list[str]) -> dict[str, tuple[dict, object]]:
@@ -49,14 +50,6 @@ def ratio_with_se(num: float, num_se: float | None, den: float, den_se: float | 
     return r, r * ((num_se / num) ** 2 + (den_se / den) ** 2) ** 0.5
 
 
-def _influence(pairs: list) -> list[float]:
-    """Per-prompt linearised influence on a pooled tau = sum(emitted) / sum(rounds):
-    (e_i - tau r_i) / mean(r); its mean is exactly zero."""
-    emitted, rounds = sum(e for e, _ in pairs), sum(r for _, r in pairs)
-    tau, rbar = emitted / rounds, rounds / len(pairs)
-    return [(e - tau * r) / rbar for e, r in pairs]
-
-
 def paired_ratio_se(num: dict, den: dict, benches: list[str]) -> float | None:
     """Standard error of macro(num) / macro(den) where both runs decoded the same prompts
     (``per_prompt`` records, [emitted, rounds] in prompt order, on every benchmark). The two
@@ -75,7 +68,7 @@ def paired_ratio_se(num: dict, den: dict, benches: list[str]) -> float | None:
             return None
         if sum(r for _, r in pa) <= 0 or sum(r for _, r in pb) <= 0:
             return None  # a prompt may end before its first round (it then weighs nothing), a benchmark may not
-        g = [da / m_a - db / m_b for da, db in zip(_influence(pa), _influence(pb))]
+        g = [da / m_a - db / m_b for da, db in zip(tau_influence(pa), tau_influence(pb))]
         n = len(g)
         var += sum(x * x for x in g) / (n * (n - 1))
     return q * var**0.5 / len(benches)

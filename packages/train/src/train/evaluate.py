@@ -88,10 +88,15 @@ def tau_standard_error(stats: Sequence[Any]) -> float | None:
     n = len(per)
     if n < 2:
         return None
-    emitted, rounds = sum(e for e, _ in per), sum(r for _, r in per)
-    tau, rbar = emitted / rounds, rounds / n
-    var = sum(((e - tau * r) / rbar) ** 2 for e, r in per) / (n * (n - 1))
-    return var**0.5
+    return (sum(d * d for d in tau_influence(per)) / (n * (n - 1))) ** 0.5
+
+
+def tau_influence(pairs: Sequence[Sequence[int]]) -> list[float]:
+    """Per-prompt linearised influence on a pooled tau = sum(emitted) / sum(rounds):
+    (e_i - tau r_i) / mean(r); its mean is exactly zero."""
+    emitted, rounds = sum(e for e, _ in pairs), sum(r for _, r in pairs)
+    tau, rbar = emitted / rounds, rounds / len(pairs)
+    return [(e - tau * r) / rbar for e, r in pairs]
 
 
 def tau_markdown(results: dict[str, dict[str, dict]], name: str) -> str:
