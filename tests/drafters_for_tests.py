@@ -36,6 +36,22 @@ class RandomDrafter(_Base):
         return Proposal(tok, self._lens(b, k), q.float())
 
 
+class SupportDrafter(_Base):
+    """Random peaky distributions over a fixed subset of the vocabulary (``support``),
+    returned over that subset only, as drafters with a draft vocabulary do
+    (Proposal(support=...)); the verifier reads them as 0 everywhere else."""
+
+    def __init__(self, vocab: int, support: Sequence[int], **kw) -> None:
+        super().__init__(vocab, **kw)
+        self.support = torch.tensor(list(support), dtype=torch.long)
+
+    def propose(self, state: DraftState) -> Proposal:
+        b, k, n = len(state.seqs), min(self.k, state.max_draft), len(self.support)
+        q = torch.softmax(2.0 * torch.randn((b, k, n), generator=self.gen), dim=-1)
+        tok = self.support[torch.multinomial(q.reshape(-1, n), 1, generator=self.gen).reshape(b, k)]
+        return Proposal(tok, self._lens(b, k), q, support=self.support, vocab_size=self.vocab)
+
+
 class PeakedWrongDrafter(_Base):
     """90 % of the mass on one fixed token the target rarely wants."""
 

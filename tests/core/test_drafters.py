@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dspark.drafters import DraftVocab, Eagle3Drafter, build_drafter, load_drafter
-from dspark.drafters.base import DraftState
+from dspark.drafters.base import DraftState, Proposal
 from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig, ar_generate
 from dspark.drafters.vocab import count_tokens
@@ -276,8 +276,9 @@ def test_eagle3_sparse_unroll_equals_the_dense_one(target):
     for s, (a, b) in enumerate(zip(dense_h, sparse_h), start=1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"step {s}")
     assert dense_g.keys() == sparse_g.keys() and dense_g
-    for n in dense_g:
-        torch.testing.assert_close(sparse_g[n], dense_g[n], rtol=1e-4, atol=1e-5, msg=n)
+    for n in dense_g:  # absolute slack scaled to the gradient (fc.weight reaches ~400: fp32 summation order)
+        scale = float(dense_g[n].abs().max())
+        torch.testing.assert_close(sparse_g[n], dense_g[n], rtol=1e-4, atol=1e-5 + 1e-6 * scale, msg=n)
     with pytest.raises(ValueError, match="return_hidden"):
         d.forward_ttt(feats, ids, steps, need=need)
     with pytest.raises(ValueError, match="must match"):
@@ -309,6 +310,53 @@ def test_draft_vocab_from_counts():
     assert probs.shape == (1, 12) and float(probs[0, 9]) == 0.5 and float(probs.sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unique"):
         DraftVocab(torch.tensor([1, 1]), 12)
+
+
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+def test_draft_vocabulary_proposals_build_only_the_rows_asked_for(target, kind):
+    """A drafter with a draft vocabulary hands its probs over that vocabulary
+    (Proposal.support); ``probs`` reads as the full [B, K, V] tensor, ``rows_probs`` gives
+    the same rows without building the others."""
+    vocab = DraftVocab(torch.arange(40, 4, -1), V)
+    d = make(target, kind, vocab)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(4, V, (n,), generator=g).tolist() for n in (9, 12, 7)]
+    feats = [features(target, torch.tensor([s[:-1]]), d.feature_layers)[0] for s in seqs]
+    prop = d.propose(DraftState(seqs, [1, 2, 3], G, SamplingParams(temperature=1.0), g, feats))
+    assert prop.support is not None and torch.equal(prop.support, vocab.ids) and prop.vocab_size == V
+    built = []
+    real = Proposal._scatter
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Proposal, "_scatter", lambda self, c: built.append(c.shape[:-1].numel()) or real(self, c))
+        one = prop.rows_probs([2, 0], 1)
+        rest = prop.rows_probs([1], 2, rest=True)
+        assert built == [2, G - 2]  # two rows, then one row's last G - 2 slots: never all B x G
+        dense = prop.probs
+    assert dense.shape == (3, G, V) and one.shape == (2, V) and rest.shape == (1, G - 2, V)
+    torch.testing.assert_close(one, dense[[2, 0], 1])
+    torch.testing.assert_close(rest, dense[[1], 2:])
+    torch.testing.assert_close(dense.sum(-1), torch.ones(3, G))
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[vocab.ids] = False
+    assert float(dense[..., outside].abs().sum()) == 0.0
+    # each drafted token carries its own probability in the full tensor
+    q_x = dense.gather(-1, prop.tokens[..., None].to(dense.device))[..., 0]
+    assert bool((q_x > 0).all())
+    full = make(target, kind)  # the full vocabulary: dense probs as before
+    prop_full = full.propose(DraftState(seqs, [1, 2, 3], G, SamplingParams(temperature=1.0), g, feats))
+    assert prop_full.support is None and prop_full.probs.shape == (3, G, V)
+    torch.testing.assert_close(prop_full.rows_probs([1], 0), prop_full.probs[[1], 0])
+
+
+def test_proposal_rejects_inconsistent_support():
+    q = torch.full((1, 2, 3), 1 / 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        Proposal(torch.zeros(1, 2, dtype=torch.long), torch.tensor([2]), q, support=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="must match support"):
+        Proposal(torch.zeros(1, 2, dtype=torch.long), torch.tensor([2]), q, support=torch.tensor([1, 2]), vocab_size=8)
+    with pytest.raises(ValueError, match="without probs"):
+        Proposal(torch.zeros(1, 2, dtype=torch.long), torch.tensor([2]), None, support=torch.tensor([1, 2]), vocab_size=8)
+    assert Proposal(torch.zeros(1, 0, dtype=torch.long), torch.tensor([0])).rows_probs([0], 0) is None
 
 
 def test_markov_transition_rows_equal_the_product_and_follow_weight_updates():

@@ -25,7 +25,7 @@ from dspark.engine import SpeculativeEngine
 from dspark.generate import GenerationConfig
 from dspark.sampling import SamplingParams, probs_from_logits
 from dspark.scheduler import PrefixScheduler, SPSProfile
-from tests.drafters_for_tests import DeterministicDrafter, OneHotDrafter, PeakedWrongDrafter, RandomDrafter
+from tests.drafters_for_tests import DeterministicDrafter, OneHotDrafter, PeakedWrongDrafter, RandomDrafter, SupportDrafter
 from tests.tiny import tiny_gemma3
 
 V, N_TOK, N_SAMPLES = 5, 3, 20_000
@@ -94,11 +94,13 @@ def make_drafter(kind: str, target, params):
         "peaked_wrong": lambda: PeakedWrongDrafter(V, wrong=wrong, k=2, seed=2),
         "one_hot": lambda: OneHotDrafter(V, token=wrong, k=2, seed=3),
         "deterministic": lambda: DeterministicDrafter(V, k=2, seed=4),
+        # over 3 of the 5 tokens, the target's least wanted first token among them
+        "support": lambda: SupportDrafter(V, support=[wrong, (wrong + 1) % V, (wrong + 3) % V], k=2, seed=5),
     }[kind]()
 
 
 @pytest.mark.parametrize("pname", list(PARAMS))
-@pytest.mark.parametrize("kind", ["random", "peaked_wrong", "one_hot", "deterministic"])
+@pytest.mark.parametrize("kind", ["random", "peaked_wrong", "one_hot", "deterministic", "support"])
 def test_speculative_sampling_matches_ar_distribution(target, kind, pname):
     params = PARAMS[pname]
     exact = exact_distribution(target, params)
@@ -109,7 +111,7 @@ def test_speculative_sampling_matches_ar_distribution(target, kind, pname):
 
 
 @pytest.mark.parametrize("pname", list(PARAMS))
-@pytest.mark.parametrize("kind,waves", [("random", 1), ("peaked_wrong", 2), ("one_hot", 1), ("deterministic", 2)])
+@pytest.mark.parametrize("kind,waves", [("random", 1), ("peaked_wrong", 2), ("one_hot", 1), ("deterministic", 2), ("support", 1)])
 def test_slot_by_slot_verification_matches_ar_distribution(target, kind, waves, pname, monkeypatch):
     """Large sampled batches verify their first ``waves`` slots one at a time through the
     exact head, for the requests still accepting (dspark.verify.verify_slot), the rest in
@@ -124,6 +126,23 @@ def test_slot_by_slot_verification_matches_ar_distribution(target, kind, waves, 
     assert calls  # the slot-by-slot path ran
     p = chi2_pvalue(counts, exact_distribution(target, params))
     assert p > 1e-3, f"{kind}/{pname}/{waves} slots: chi-square p={p:.2e}"
+
+
+def test_detects_draft_probs_on_the_wrong_ids(target, monkeypatch):
+    """Power: draft-vocabulary probs read back onto the first ids instead of their
+    support's ids (what a lost index map would do) fail the slot-by-slot path."""
+    from dspark.drafters.base import Proposal
+
+    params = PARAMS["T1"]
+
+    def wrong(self, compact):
+        out = compact.new_zeros((*compact.shape[:-1], self.vocab_size))
+        out[..., : compact.shape[-1]] = compact
+        return out
+
+    monkeypatch.setattr(Proposal, "_scatter", wrong)
+    counts = sample_counts(target, make_drafter("support", target, params), params, wave_verify=1)
+    assert chi2_pvalue(counts, exact_distribution(target, params)) < 1e-6
 
 
 def test_detects_slot_by_slot_verification_without_residual(target, monkeypatch):

@@ -461,10 +461,10 @@ class SpeculativeEngine:
             # sampled drafts: the first slots verified through the screen, one slot at a
             # time, the full LM head only for the slots reached past them
             hidden, feats = runner.score(ids, seqs, drafts, k, hidden=True)
-            res = self._verify_screened(hidden, prop.tokens, lens, prop.probs, params, gens)
+            res = self._verify_screened(hidden, prop.tokens, lens, prop, params, gens)
         elif not params.greedy and self._waves(len(reqs), lens):
             hidden, feats, fed, extend = self._score_in_waves(runner, ids, seqs, drafts, k)
-            res = self._verify_by_slot(hidden, prop.tokens, lens, prop.probs, params, gens, extend)
+            res = self._verify_by_slot(hidden, prop.tokens, lens, prop, params, gens, extend)
         else:
             logits, feats = runner.score(ids, seqs, drafts, k)
             res = verify(logits, prop.tokens, lens, prop.probs, params, gens)  # stops: per request, below
@@ -559,7 +559,7 @@ class SpeculativeEngine:
         return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
 
     def _verify_by_slot(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor,
-                        probs: torch.Tensor | None, params: SamplingParams, gens, extend=None) -> VerifyOutput:
+                        prop: Proposal, params: SamplingParams, gens, extend=None) -> VerifyOutput:
         """:func:`verify` at T > 0 for large batches, from the final hidden states: slot by
         slot, the target's logits only for the requests still accepting
         (:func:`dspark.verify.verify_slot`); after ``wave_verify`` slots, every remaining
@@ -587,12 +587,14 @@ class SpeculativeEngine:
                 if extend is not None:
                     extend(ver)  # the survivors' remaining drafts through the target
                 p = probs_from_logits(self.target.lm_head(hidden[ver, pos:]), params)  # [A, k1 - pos, V]
-                q = None if probs is None else probs[ver, pos:].float().to(dev)
+                q = prop.rows_probs(ver, pos, rest=True)
+                q = None if q is None else q.to(dev)
                 o, n = kernels.rejection_sample(p, tokens[ver, pos:], (lens_c[ver] - pos).to(dev), q, u[ver, pos:], noise[ver])
                 out[ver, pos:] = o.cpu()
                 n_acc[ver] += n.cpu()
                 break
-            q = None if probs is None else probs[ver, pos].float().to(dev)
+            q = prop.rows_probs(ver, pos)
+            q = None if q is None else q.to(dev)
             ok, tok = verify_slot(self.target.lm_head(hidden[ver, pos]), tokens[ver, pos], q, params, u[ver, pos], noise[ver])
             ok, tok = ok.cpu(), tok.cpu()
             still = []
@@ -620,7 +622,7 @@ class SpeculativeEngine:
         return VerifyOutput(tokens=out, num_accepted=n_acc, num_emitted=n_acc + 1, stopped=torch.zeros(B, dtype=torch.bool))
 
     def _verify_screened(self, hidden: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor,
-                         probs: torch.Tensor | None, params: SamplingParams, gens) -> VerifyOutput:
+                         prop: Proposal, params: SamplingParams, gens) -> VerifyOutput:
         """:func:`verify` at T > 0 from the final hidden states: slot by slot, the requests
         still accepting verify their next draft through the LM head's screen
         (:meth:`ScreenedHead.verify_step`, exact); once ``screen_verify`` slots are done,
@@ -646,12 +648,12 @@ class SpeculativeEngine:
                 break
             if pos >= self.screen_verify or head is None or not self.target.screens(len(ver), params):
                 rest = self.target.lm_head(hidden[ver, pos:])  # [A, k1 - pos, V]
-                q = None if probs is None else probs[ver, pos:].float()
+                q = prop.rows_probs(ver, pos, rest=True)
                 r = verify(rest, tokens[ver, pos:], lens[ver] - pos, q, params, sub(ver))
                 out[ver, pos:] = r.tokens.cpu()
                 n_acc[ver] += r.num_accepted.cpu()
                 break
-            q = None if probs is None else probs[ver, pos].float()
+            q = prop.rows_probs(ver, pos)
             ok, corr = head.verify_step(hidden[ver, pos].float(), tokens[ver, pos], q, T, sub(ver))
             active = []
             for j, i in enumerate(ver):

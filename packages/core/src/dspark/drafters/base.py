@@ -34,7 +34,6 @@ class DraftState:
     features: Sequence[torch.Tensor] | None = None
 
 
-@dataclass
 class Proposal:
     """A ragged batch of drafts.
 
@@ -44,12 +43,55 @@ class Proposal:
             deterministic drafter (then p_d is the one-hot of each token).
     confidence: [B, K] calibrated per-step survival confidences c_k, if the drafter has
             a confidence head (the scheduler's input).
+
+    A drafter over a draft vocabulary passes ``support`` ([Kd] target ids) and
+    ``vocab_size`` (V) and gives ``probs`` over those ids only ([B, K, Kd]; every other
+    target id has draft probability 0). ``probs`` then reads as the full [B, K, V] tensor,
+    built on first access, while :meth:`rows_probs` builds only the rows a verifier reads:
+    a round that ends at its first rejection never pays for the [B, K, V] tensor.
     """
 
-    tokens: torch.Tensor
-    lens: torch.Tensor
-    probs: torch.Tensor | None = None
-    confidence: torch.Tensor | None = None
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        lens: torch.Tensor,
+        probs: torch.Tensor | None = None,
+        confidence: torch.Tensor | None = None,
+        support: torch.Tensor | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        self.tokens, self.lens, self.confidence = tokens, lens, confidence
+        if support is not None:
+            if probs is None:
+                raise ValueError("Proposal: support given without probs")
+            if vocab_size is None:
+                raise ValueError("Proposal: support needs vocab_size (the target's vocabulary)")
+            if support.dim() != 1 or probs.shape[-1] != support.numel():
+                raise ValueError(f"Proposal: probs' last dim ({probs.shape[-1]}) must match support [{support.numel()}]")
+        self.support, self.vocab_size = support, vocab_size
+        self._compact = probs if support is not None else None
+        self._dense = None if support is not None else probs
+
+    @property
+    def probs(self) -> torch.Tensor | None:
+        if self._dense is None and self._compact is not None:
+            self._dense = self._scatter(self._compact)
+        return self._dense
+
+    def _scatter(self, compact: torch.Tensor) -> torch.Tensor:
+        out = compact.new_zeros((*compact.shape[:-1], self.vocab_size))
+        return out.index_copy_(-1, self.support.to(compact.device), compact)
+
+    def rows_probs(self, rows: Sequence[int], pos: int, rest: bool = False) -> torch.Tensor | None:
+        """The draft distributions of ``rows`` at slot ``pos`` ([A, V]), or at slots
+        ``pos:`` with ``rest`` ([A, K - pos, V]), fp32, without building the others."""
+        if self._dense is not None or self._compact is None:
+            src = self._dense
+            if src is None:
+                return None
+            return (src[rows, pos:] if rest else src[rows, pos]).float()
+        c = self._compact[rows, pos:] if rest else self._compact[rows, pos]
+        return self._scatter(c.float())
 
     @classmethod
     def from_lists(cls, drafts: Sequence[Sequence[int]], max_draft: int) -> Proposal:

@@ -229,5 +229,4 @@ class Eagle3Drafter(LinkedDrafter):
             hidden, new = self.step(self.vocab.decode(x)[:, None], hidden[:, -1:], pos + step, past, mask)
             past = LayerKV(torch.cat([past.k, new.k], 2), torch.cat([past.v, new.v], 2))
         tokens = self.vocab.decode(torch.stack(toks, 1)) if toks else torch.zeros(B, 0, dtype=torch.long)
-        full = self.vocab.scatter_probs(torch.stack(probs, 1)) if probs else None
-        return Proposal(tokens.cpu(), torch.full((B,), k, dtype=torch.long), full)
+        return self._proposal(tokens.cpu(), torch.full((B,), k, dtype=torch.long), torch.stack(probs, 1) if probs else None)

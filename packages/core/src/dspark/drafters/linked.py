@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dspark import packed_linear
+from dspark.drafters.base import Proposal
 from dspark.drafters.vocab import DraftVocab
 from dspark.heads.calibration import STSCalibrator
 
@@ -99,6 +100,14 @@ class LinkedDrafter(nn.Module):
         self._softcap: float | None = None
         self._packing = False
         self._cache: dict[int, Any] = {}
+
+    def _proposal(self, tokens: torch.Tensor, lens: torch.Tensor, probs: torch.Tensor | None,
+                  confidence: torch.Tensor | None = None) -> Proposal:
+        """A Proposal from draft-vocabulary probs [B, K, Kd]: they stay over the draft
+        vocabulary (``support``), so the full [B, K, V] tensor is built only if asked for."""
+        if probs is None or self.vocab.is_full:
+            return Proposal(tokens, lens, probs, confidence)
+        return Proposal(tokens, lens, probs, confidence, support=self.vocab.ids, vocab_size=self.vocab.target_vocab_size)
 
     @classmethod
     def for_target(cls, target: Any, kind: str, vocab: DraftVocab | None = None, **overrides: Any) -> LinkedDrafter:

@@ -184,8 +184,7 @@ class ParallelDrafter(LinkedDrafter):
         base = self.draft_logits(h)
         tokens, probs, conf = self._sample(h, base, self.vocab.encode(anchors), state, draws=g)
         lens = torch.full((len(rows),), k, dtype=torch.long)
-        full_probs = self.vocab.scatter_probs(probs)
-        return Proposal(self.vocab.decode(tokens).cpu(), lens, full_probs, conf)
+        return self._proposal(self.vocab.decode(tokens).cpu(), lens, probs, conf)
 
     def _sample(
         self, h: torch.Tensor, base: torch.Tensor, prev: torch.Tensor, state: DraftState, draws: int | None = None
