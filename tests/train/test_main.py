@@ -87,6 +87,11 @@ def test_tiny_end_to_end(tmp_path, tiny_dir, drafter, capfd):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     run = mlflow.search_runs(experiment_names=["dspark"], output_format="list")[0]
     assert run.data.tags["drafter"] == drafter and "tau_gsm8k_T1" in run.data.metrics and "loss" in run.data.metrics
+    # teacher-forced tau_est on the benchmarks' prompts (eval.tau_est_prompts: 2 in the tiny experiments)
+    bt = json.loads((out / "bench_tau_est.done.json").read_text())["results"]
+    assert set(bt) == {"gsm8k", "mt-bench", "macro"} and all(len(bt[b]["per_prompt"]) == 2 for b in ("gsm8k", "mt-bench"))
+    assert 1.0 <= bt["macro"]["tau_est"] <= 5.0 and "bench_tau_est_macro" in run.data.metrics
+    assert len(list((tmp_path / "bench_continuations").glob("*.json"))) == 1
     if drafter == "dspark":  # a second run with the same config skips every stage
         again = train_here(tmp_path, capfd, *common)
         assert again.returncode == 0, again.stderr[-2000:]
@@ -231,6 +236,9 @@ def test_compare_runs_writes_a_results_table(tmp_path, tiny_dir, capfd):
     assert rows["tiny_dflash"].rstrip(" |").split("|")[-1].strip() == "1.000"
     assert float(rows["tiny_ngram"].rstrip(" |").split("|")[-1].split("±")[0]) > 0
     assert "±" in rows["tiny_ngram"] and "(unpaired)" not in rows["tiny_ngram"]  # both runs carry per-prompt records: paired
+    # the trained drafter's teacher-forced benchmark tau_est, a table of its own (prompt lookup has none)
+    tail = text.split("teacher-forced tau_est on the benchmarks' prompts")[1]
+    assert "| tiny_dflash |" in tail and "| tiny_ngram |" not in tail
     missing = subprocess.run([sys.executable, "-m", "train.compare", "--runs", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no finished MLflow run named 'nope'" in missing.stderr
 

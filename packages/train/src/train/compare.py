@@ -113,6 +113,47 @@ def table(results: dict[str, tuple[dict, object]]) -> str:
     return "\n".join(lines)
 
 
+def load_bench_tau_est(results: dict[str, tuple[dict, object]]) -> dict[str, dict]:
+    """The runs' teacher-forced benchmark tau_est (artifact bench_tau_est.json), for the
+    runs that have one (eval.tau_est_prompts > 0, a trained drafter)."""
+    from mlflow.artifacts import load_text
+
+    out = {}
+    for name, (_, run) in results.items():
+        try:
+            out[name] = json.loads(load_text(f"runs:/{run.info.run_id}/bench_tau_est.json"))
+        except Exception:  # noqa: BLE001 - runs without the stage (n-gram, older runs) have no artifact
+            continue
+    return out
+
+
+def tau_est_table(bt: dict[str, dict]) -> str:
+    """Teacher-forced tau_est on the benchmarks' prompts, one row per run; with two or more
+    runs, each macro's difference from the first run's, paired prompt by prompt (every run
+    scored on the same target continuations)."""
+    if not bt:
+        return ""
+    from train.bench_tau import paired_difference
+
+    names = list(bt)
+    first = bt[names[0]]
+    benches = [b for b in first if b != "macro"]
+    diff_col = len(names) > 1
+    lines = ["\n**teacher-forced tau_est on the benchmarks' prompts** (the target's own T = 1 continuations, "
+             "the same for every run)\n",
+             "| run | " + " | ".join(benches) + " | macro |" + (f" macro - {names[0]}'s |" if diff_col else ""),
+             "|---|" + "---|" * (len(benches) + 1 + diff_col)]
+    for name, row in bt.items():
+        se = row["macro"].get("se")
+        line = f"| {name} | " + " | ".join(f"{row[b]['tau_est']:.3f}" if b in row else "–" for b in benches)
+        line += f" | {row['macro']['tau_est']:.3f}" + (f" ± {se:.3f}" if se is not None else "") + " |"
+        if diff_col:
+            d, dse = paired_difference(row, first, benches)
+            line += f" {d:+.3f}" + (f" ± {dse:.3f}" if dse is not None else "") + " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="MLflow run names (= experiment names)")
@@ -122,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     results = load_results(args.tracking_uri, args.experiment, args.runs)
     body = table(results)
+    extra = tau_est_table(load_bench_tau_est(results))
+    if extra:
+        body += "\n" + extra
     print(body)
     if args.out:
         meta = "\n".join(

@@ -186,6 +186,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _log(f"held-out teacher-forced tau_est (gamma {dc.gamma}): " + ", ".join(f"{k} {v:.3f}" for k, v in ho.items() if v is not None)
              + f" ({time.perf_counter() - t_s:.0f} s)")
 
+        # 4c. teacher-forced tau_est on the benchmarks' prompts: every drafter scored on the
+        # same target continuations (sampled once per target, shared), so runs pair prompt by prompt
+        n_bt = int(cfg.eval.get("tau_est_prompts", 0) or 0)
+        if n_bt:
+            from train.bench_tau import bench_tau_est, target_continuations
+
+            benches = list(cfg.eval.benchmarks)
+            bt_stage = Stage(out, "bench_tau_est", _hash(fit_key, "bench_tau_est", benches, n_bt, cfg.eval.max_new_tokens, cfg.seed))
+            t_s = time.perf_counter()
+            if bt_stage.done():
+                bt = bt_stage.info()["results"]
+            else:
+                conts = target_continuations(target, benches, n_bt, int(cfg.eval.max_new_tokens), out.parent / "bench_continuations",
+                                             seed=cfg.seed, batch_size=int(cfg.eval.get("batch_size", 1)), progress=cfg.progress)
+                bt = bench_tau_est(target, drafter, dc.name, conts, seed=cfg.seed, progress=cfg.progress)
+                bt_stage.finish(results=bt)
+            for bench, v in bt.items():
+                mlflow.log_metric(f"bench_tau_est_{bench}", v["tau_est"])
+            if bt["macro"]["se"] is not None:
+                mlflow.log_metric("bench_tau_est_macro_se", bt["macro"]["se"])
+            mlflow.log_text(json.dumps(bt, indent=1), "bench_tau_est.json")
+            se = bt["macro"]["se"]
+            _log(f"benchmark teacher-forced tau_est ({n_bt} prompts each, target's own T = 1 continuations): macro "
+                 f"{bt['macro']['tau_est']:.3f}" + (f" +- {se:.3f}" if se is not None else "") + ", "
+                 + ", ".join(f"{b} {bt[b]['tau_est']:.2f}" for b in benches) + f" ({time.perf_counter() - t_s:.0f} s)")
+
         # 5. calibration (drafters with a confidence head) ---------------------------
         held = [target.encode_prompt(r["turns"][0]) for r in list(held_rows)[: cfg.eval.calibration_prompts]]
         if getattr(drafter, "conf", None) is not None and held:
@@ -485,6 +511,7 @@ def _evaluate_and_log(cfg: DictConfig, out: Path, target: Any, drafter: Any, fit
     greedy_n = ev_cfg.get("greedy_prompts_per_benchmark")
     if greedy_n is None or greedy_n >= ev_cfg["prompts_per_benchmark"]:
         ev_cfg.pop("greedy_prompts_per_benchmark", None)  # the same prompts at every temperature: the key before the option
+    ev_cfg.pop("tau_est_prompts", None)  # its own stage (4c): not part of the decoded evaluation's key
     if not fallback:
         ev_cfg.pop("ngram_fallback", None)  # off: the same key as before the option existed
     elif getattr(drafter, "feature_layers", None) is None:
