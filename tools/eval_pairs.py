@@ -11,7 +11,10 @@ its macro tau over the first run's with two errors: as if the runs were independ
 (``train.compare.ratio_with_se``) and paired by prompt (``train.compare.paired_ratio_se``),
 plus the correlation of per-prompt tau with the first run. ``--no-wave-forward`` runs the
 target's layers in one forward over all drafts (the engine before the two-wave forward),
-for timing the two against each other. ``--out`` keeps the raw results as JSON.
+for timing the two against each other. ``--dense NAME ...`` builds those runs'
+full-vocabulary draft probabilities in every propose, as the engine did before proposals
+over a draft vocabulary stayed compact (same tokens; for timing the two). ``--out`` keeps
+the raw results as JSON.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-wave-forward", action="store_true", help="one target forward over every draft of a round")
+    ap.add_argument("--dense", nargs="*", default=[], metavar="NAME",
+                    help="runs whose proposals carry full-vocabulary draft probabilities, built in propose (what the "
+                         "engine did before proposals over a draft vocabulary stayed compact): for timing the two")
     ap.add_argument("--out", default=None, help="write every run's results (tau.json format) here")
     args = ap.parse_args()
 
@@ -52,6 +58,9 @@ def main() -> None:
     from train.evaluate import evaluate
 
     runs = []
+    unknown = set(args.dense) - {spec.partition("=")[0] for spec in args.runs}
+    if unknown:
+        raise SystemExit(f"--dense names runs that --runs does not give: {sorted(unknown)}")
     for spec in args.runs:
         name, sep, rest = spec.partition("=")
         if not sep or not name or not rest:
@@ -71,6 +80,15 @@ def main() -> None:
     results, seconds = {}, {}
     for name, path, seed in runs:
         drafter = load_drafter(path, target)
+        if name in args.dense:
+            real_propose = drafter.propose
+
+            def propose(state, _real=real_propose):
+                prop = _real(state)
+                prop.probs  # noqa: B018 - builds the full [B, K, V] tensor now, inside the draft step
+                return prop
+
+            drafter.propose = propose
         t0 = time.perf_counter()
         res = evaluate(target, drafter, args.benchmarks, args.prompts_per_benchmark, args.max_new_tokens,
                        [args.temperature], args.gamma, seed=seed, progress=True, batch_size=args.batch_size)
