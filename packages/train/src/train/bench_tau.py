@@ -51,7 +51,8 @@ def target_continuations(
     continuation of each of the first ``prompts_per_benchmark`` prompts (prompt i seeded
     ``seed + i``, as train.evaluate seeds it). Sampled once and kept in ``cache_dir``
     (written whole, then renamed), keyed by the target's weights, the prompts, the length
-    and the seed."""
+    and the seed; not by the dtype the target runs in (fp32 and bf16 sample slightly
+    different text, both the target's own: the file's meta records which)."""
     from dspark.engine import SpeculativeEngine
     from dspark.generate import GenerationConfig
     from dspark.sampling import SamplingParams
@@ -79,8 +80,8 @@ def target_continuations(
             out[b].append({"prompt_ids": list(ids), "response_ids": list(res.tokens), "finish": res.finish_reason})
         bar.update(len(chunk))
     bar.close()
-    meta = {"target_fingerprint": fp, "benchmarks": list(benchmarks), "prompts_per_benchmark": prompts_per_benchmark,
-            "max_new_tokens": max_new_tokens, "seed": seed, "temperature": 1.0}
+    meta = {"target_fingerprint": fp, "target_dtype": str(target.dtype), "benchmarks": list(benchmarks),
+            "prompts_per_benchmark": prompts_per_benchmark, "max_new_tokens": max_new_tokens, "seed": seed, "temperature": 1.0}
     atomic_write_text(path, json.dumps({"meta": meta, "continuations": out}))
     return out
 
